@@ -1,0 +1,51 @@
+# framecap: `make demo` runs the whole pipeline on a real video; `make test` runs the tests.
+# Both do the set-up they need (system packages when run as root, the .venv) themselves.
+
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+# torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
+TORCH_PINS := torch==2.14.1 torchvision==0.29.1
+
+.PHONY: help setup system-deps demo test test-unit test-integration lint bench clean
+
+help:
+	@echo "make demo    - start the local stack and caption a real video end to end"
+	@echo "make test    - run the whole test suite (unit + integration, real servers)"
+	@echo "make setup   - system packages (as root) and the .venv with every extra"
+	@echo "make lint    - ruff and mypy"
+	@echo "make bench   - benchmarks in bench/"
+
+system-deps:
+	@bash deploy/scripts/system-deps.sh
+
+$(BIN)/framecap: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PINS)
+	$(BIN)/python -m pip install -q -e '.[edge,cloud,stack,dev]'
+	@touch $(BIN)/framecap
+
+setup: system-deps $(BIN)/framecap
+
+demo: setup
+	$(BIN)/framecap demo $(DEMO_ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-unit: setup
+	$(BIN)/python -m pytest -q -m "not integration" $(PYTEST_ARGS)
+
+test-integration: setup
+	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check edge cloud common tests bench
+	$(BIN)/mypy edge cloud common
+
+bench: setup
+	$(BIN)/python bench/run_all.py
+
+clean:
+	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

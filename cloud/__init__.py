@@ -1,0 +1,1 @@
+"""Cloud services: MQTT ingest into S3, the caption worker, and the captioning model."""

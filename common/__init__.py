@@ -1,0 +1,1 @@
+"""Shared by every framecap process: config, messages, topics and keys, the CLI."""

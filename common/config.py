@@ -1,0 +1,253 @@
+"""Typed, validated configuration: one YAML file per process (edge, ingest, worker).
+
+Each section is a pydantic model with ``extra="forbid"`` and a description on every field, so a
+typo is refused instead of ignored. Secrets (MQTT password, S3 keys) may be left out of the file
+and come from the environment:
+
+| field | environment variable |
+| --- | --- |
+| ``mqtt.password`` | ``FRAMECAP_MQTT_PASSWORD`` |
+| ``s3.access_key_id`` | ``FRAMECAP_S3_ACCESS_KEY_ID``, else ``AWS_ACCESS_KEY_ID`` |
+| ``s3.secret_access_key`` | ``FRAMECAP_S3_SECRET_ACCESS_KEY``, else ``AWS_SECRET_ACCESS_KEY`` |
+
+:func:`load_config` reads a file and raises :class:`ConfigError` whose message names the key, the
+value and why; the CLIs print it and exit with status 2. ``--validate-config`` checks and exits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+
+from common.topics import InvalidIdError, validate_id, validate_prefix
+
+
+SafeId = Annotated[str, AfterValidator(lambda v: validate_id(v, "id"))]
+
+
+class ConfigError(ValueError):
+    """A config file that cannot be read or does not validate; the message is for the user."""
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys are an error."""
+
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+def _env_secret(*names: str) -> SecretStr | None:
+    for name in names:
+        value = os.environ.get(name)
+        if value:
+            return SecretStr(value)
+    return None
+
+
+class TlsConfig(Section):
+    """TLS towards the MQTT broker."""
+
+    ca_certs: Path | None = Field(default=None, description="CA bundle (PEM) to verify the broker.")
+    certfile: Path | None = Field(default=None, description="Client certificate (PEM), if the broker asks for one.")
+    keyfile: Path | None = Field(default=None, description="Client private key (PEM) for certfile.")
+    insecure: bool = Field(default=False, description="Skip the broker hostname check (tests only).")
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        if (self.certfile is None) != (self.keyfile is None):
+            raise ValueError("certfile and keyfile must be given together")
+        return self
+
+
+class MqttConfig(Section):
+    """Connection to the MQTT broker (MQTT v5)."""
+
+    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
+    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    topic_prefix: str = Field(default="framecap", description="First topic level(s) of every topic.")
+    client_id: str | None = Field(default=None, description="MQTT client_id; derived from the role and device when empty.")
+    username: str | None = Field(default=None, description="Broker user name, if the broker checks one.")
+    password: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_MQTT_PASSWORD"),
+        description="Broker password; default from $FRAMECAP_MQTT_PASSWORD. Never logged.",
+    )
+    keepalive_s: int = Field(default=30, ge=5, le=3600, description="MQTT keepalive, seconds.")
+    session_expiry_s: int = Field(
+        default=86400, ge=0, description="Persistent-session lifetime on the broker, seconds (MQTT v5)."
+    )
+    reconnect_min_s: float = Field(default=0.5, gt=0, description="First reconnect delay, seconds.")
+    reconnect_max_s: float = Field(default=10.0, gt=0, description="Longest reconnect delay, seconds.")
+    tls: TlsConfig | None = Field(default=None, description="TLS settings; plain TCP when absent.")
+
+    @model_validator(mode="after")
+    def _check(self) -> MqttConfig:
+        validate_prefix(self.topic_prefix)
+        if self.password is not None and self.username is None:
+            raise ValueError("a password is set (in the file or $FRAMECAP_MQTT_PASSWORD) but no username")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError("reconnect_max_s must be >= reconnect_min_s")
+        return self
+
+
+class S3Config(Section):
+    """Connection to the S3 bucket (AWS S3, SeaweedFS, MinIO, Ceph RGW)."""
+
+    endpoint_url: str | None = Field(default=None, description="S3 endpoint, e.g. http://127.0.0.1:8333; AWS when empty.")
+    bucket: str = Field(default="framecap", min_length=3, max_length=63, description="Bucket name.")
+    region: str = Field(default="us-east-1", description="S3 region.")
+    access_key_id: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),
+        description="Access key; default from $FRAMECAP_S3_ACCESS_KEY_ID or $AWS_ACCESS_KEY_ID.",
+    )
+    secret_access_key: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_S3_SECRET_ACCESS_KEY", "AWS_SECRET_ACCESS_KEY"),
+        description="Secret key; default from $FRAMECAP_S3_SECRET_ACCESS_KEY or $AWS_SECRET_ACCESS_KEY. Never logged.",
+    )
+    path_style: bool = Field(default=True, description="Path-style addressing (needed by SeaweedFS and MinIO).")
+    create_bucket: bool = Field(default=False, description="Create the bucket at start if it is missing.")
+
+
+class SamplingConfig(Section):
+    """Which frames the edge sends."""
+
+    interval_s: float = Field(
+        default=1.0, gt=0, description="Send at most one frame per interval, seconds (video time for files, wall time for live sources)."
+    )
+    scene_change: bool = Field(default=True, description="Skip frames too similar to the last one sent.")
+    scene_threshold: float = Field(
+        default=0.02, ge=0, le=1, description="Mean absolute difference (0..1, on a small grey thumbnail) below which a frame counts as unchanged."
+    )
+    max_static_s: float = Field(
+        default=60.0, gt=0, description="Send a frame at least this often even if the scene is static, seconds."
+    )
+
+
+class EncodingConfig(Section):
+    """JPEG encoding of sampled frames."""
+
+    max_bytes: int = Field(default=128 * 1024, ge=4096, description="Payload cap, bytes (AWS IoT Core: 128 KB).")
+    quality: int = Field(default=85, ge=10, le=100, description="First JPEG quality tried.")
+    min_quality: int = Field(default=40, ge=5, le=100, description="Lowest quality before the frame is scaled down.")
+    max_width: int = Field(default=1280, ge=32, description="Frames wider than this are scaled down first, pixels.")
+
+
+class SpoolConfig(Section):
+    """The edge's bounded on-disk spool of frames not yet acknowledged."""
+
+    directory: Path = Field(default=Path("spool"), description="Spool directory (created).")
+    max_frames: int = Field(default=10000, ge=1, description="Most frames kept; the oldest is dropped beyond.")
+    max_bytes: int = Field(default=1 << 30, ge=1 << 16, description="Most bytes kept; the oldest is dropped beyond.")
+    resend_after_s: float = Field(default=30.0, gt=0, description="Resend a frame not acknowledged within this time, seconds.")
+
+
+class EdgeConfig(Section):
+    """``framecap edge``: capture, sample, spool and publish frames of one device."""
+
+    device_id: SafeId = Field(description="This device's id; a topic level and an S3 key part.")
+    source: str = Field(default="0", description="Camera index, video file, RTSP URL or GStreamer pipeline (with '!').")
+    reopen_min_s: float = Field(default=1.0, gt=0, description="First delay before reopening a lost source, seconds.")
+    reopen_max_s: float = Field(default=30.0, gt=0, description="Longest delay between reopen attempts, seconds.")
+    max_frames: int | None = Field(default=None, ge=1, description="Stop after sampling this many frames.")
+    drain_timeout_s: float = Field(default=120.0, ge=0, description="On a file's end, wait this long for every ack, seconds.")
+    captions_jsonl: Path | None = Field(default=None, description="Append each caption received to this JSONL file.")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Frame sampling.")
+    encoding: EncodingConfig = Field(default_factory=EncodingConfig, description="JPEG encoding.")
+    spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Disk spool.")
+
+
+
+class IngestConfig(Section):
+    """``framecap ingest``: MQTT frames -> S3, then acks."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    s3: S3Config = Field(default_factory=S3Config, description="Bucket the frames go to.")
+    share_group: SafeId = Field(default="ingest", description="MQTT v5 shared-subscription group; replicas split the load.")
+    max_payload_bytes: int = Field(default=256 * 1024, ge=1024, description="Frames larger than this are refused, bytes.")
+    max_pixels: int = Field(default=4096 * 4096, ge=64, description="Frames with more pixels are refused.")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
+
+
+
+class WorkerConfig(Section):
+    """``framecap worker``: caption every frame under frames/."""
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
+    s3: S3Config = Field(default_factory=S3Config, description="Bucket with frames/ and captions/.")
+    share_group: SafeId = Field(default="worker", description="Shared-subscription group for frame notifications.")
+    model: Path | None = Field(default=None, description="Model checkpoint; the packaged default model when empty.")
+    device: Literal["auto", "cpu", "cuda"] = Field(default="auto", description="Torch device; 'auto' picks cuda when present.")
+    beam_size: int = Field(default=3, ge=1, le=20, description="Beam width of the caption search.")
+    max_caption_length: int = Field(default=30, ge=2, le=100, description="Longest caption, words.")
+    batch_size: int = Field(default=8, ge=1, le=256, description="Most frames per model batch.")
+    max_wait_s: float = Field(default=0.5, ge=0, description="Longest wait to fill a batch, seconds.")
+    list_interval_s: float = Field(default=30.0, gt=0, description="How often to list frames/ to catch up, seconds.")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
+
+
+
+C = TypeVar("C", bound=Section)
+
+
+def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
+    """One line per problem: ``source: key.path = value: why``."""
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"])
+        value = e.get("input", "")
+        if e["type"] == "missing":
+            lines.append(f"{source}: {loc}: required key is missing")
+        elif e["type"] == "extra_forbidden":
+            lines.append(f"{source}: {loc} = {value!r}: unknown key (typo?)")
+        else:
+            lines.append(f"{source}: {loc or '(top level)'} = {value!r}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def parse_config(cls: type[C], data: Any, source: str = "config") -> C:
+    """Validate a mapping into ``cls``; raises ConfigError naming key, value and reason."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(data).__name__}")
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, data, source)) from err
+    except InvalidIdError as err:
+        raise ConfigError(f"{source}: {err}") from err
+
+
+def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any] | None = None) -> C:
+    """Read a YAML config file (or none) into ``cls``, applying ``overrides`` (dotted keys).
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or does not validate.
+    """
+    data: dict[str, Any] = {}
+    source = "command line"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as err:
+            raise ConfigError(f"{path}: cannot read config file: {err.strerror or err}") from err
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from err
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+        data = loaded or {}
+    for dotted, value in (overrides or {}).items():
+        if value is None:
+            continue
+        node = data
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return parse_config(cls, data, source)

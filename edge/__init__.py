@@ -1,0 +1,1 @@
+"""The edge capture daemon: capture, sample, spool, publish. Imports no torch."""
