@@ -185,6 +185,8 @@ class WorkerConfig(Section):
     batch_size: int = Field(default=8, ge=1, le=256, description="Most frames per model batch.")
     max_wait_s: float = Field(default=0.5, ge=0, description="Longest wait to fill a batch, seconds.")
     list_interval_s: float = Field(default=30.0, gt=0, description="How often to list frames/ to catch up, seconds.")
+    max_frame_bytes: int = Field(default=16 << 20, ge=1024, description="Objects under frames/ larger than this get an error record, bytes.")
+    max_pixels: int = Field(default=4096 * 4096, ge=64, description="Images with more pixels get an error record.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
 
 

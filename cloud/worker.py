@@ -1,0 +1,564 @@
+"""``framecap worker``: caption every frame under ``frames/`` (../shared/DESIGN.md, Caption worker).
+
+Frames are found two ways: the ingest's :class:`~common.messages.FrameAck` on
+``$share/{share_group}/{prefix}/+/acks`` (published after the S3 write, so the object exists;
+low latency), and a listing of ``frames/`` at start and every ``list_interval_s`` (nothing is
+missed after a restart, and objects put by other tools are captioned too). A frame whose
+``captions/...json`` exists is skipped; a key already queued or in a batch is not queued twice.
+
+One thread batches keys (at most ``batch_size``, waiting at most ``max_wait_s`` after the
+first) through ``Captioner.caption_images`` (batched beam search). Each frame's record goes to
+``captions/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.json`` with ``If-None-Match: *`` (two
+replicas never both write it) and, only if this worker wrote it, on
+``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object gets a record with
+an empty caption and ``error`` set. S3 outages are logged once and retried until S3 returns.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+
+from cloud import metrics
+from cloud.ingest import (
+    ObjectStore,
+    StorageError,
+    add_common_arguments,
+    common_overrides,
+    default_client_id,
+    jpeg_dimensions,
+    open_store,
+    retry_delays,
+    run_until_signal,
+    setup_logging,
+)
+from common.config import ConfigError, WorkerConfig, load_config
+from common.messages import CaptionRecord, FrameAck, FrameMetadata, MessageError
+from common.mqtt import MqttClient
+from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, Topics, parse_frame_key
+
+logger = logging.getLogger(__name__)
+
+JSON_CONTENT_TYPE = "application/json"
+
+
+class CaptionerLike(Protocol):
+    """What the worker needs of ``cloud.captioning.inference.Captioner``."""
+
+    name: str
+
+    def caption_images(self, images: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        """Caption RGB uint8 images (H, W, 3); one ``(caption, log-probability)`` each."""
+        ...
+
+
+def load_captioner(config: WorkerConfig) -> CaptionerLike:
+    """Load the model named by ``config.model`` (the packaged default when None).
+
+    Raises:
+        ImportError: the captioning package (torch) is not installed.
+        OSError, ValueError, RuntimeError: the checkpoint cannot be read or loaded.
+    """
+    from cloud.captioning.inference import Captioner
+
+    return Captioner.load(  # type: ignore[no-any-return]
+        config.model,
+        device=config.device,
+        beam_size=config.beam_size,
+        max_caption_length=config.max_caption_length,
+    )
+
+
+@dataclass
+class _Job:
+    """One frame on its way through a batch."""
+
+    key: str
+    frame: FrameKey
+    captured_at: datetime | None = None
+    image: np.ndarray | None = None
+    error: str | None = None
+    caption: str = ""
+    score: float | None = None
+
+
+class _Stopping(Exception):
+    """The worker was asked to stop while waiting for S3."""
+
+
+def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Decode image bytes (JPEG, PNG, ... as OpenCV reads them) into RGB uint8 (H, W, 3).
+
+    Raises:
+        ValueError: the bytes are not an image OpenCV can decode, or have too many pixels.
+    """
+    try:
+        width, height = jpeg_dimensions(data)
+    except ValueError:
+        pass  # not a JPEG with a readable header: OpenCV decides (its own pixel limit applies)
+    else:
+        if width * height > max_pixels:
+            raise ValueError(f"image is {width}x{height}, more than {max_pixels} pixels")
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
+        raise ValueError("not an image OpenCV can decode")
+    if bgr.shape[0] * bgr.shape[1] > max_pixels:
+        raise ValueError(f"image is {bgr.shape[1]}x{bgr.shape[0]}, more than {max_pixels} pixels")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def frame_date_error(frame: FrameKey) -> str | None:
+    """Why the key's ``YYYY/MM/DD`` is not a calendar date, or None if it is."""
+    try:
+        datetime(frame.year, frame.month, frame.day, tzinfo=timezone.utc)
+    except ValueError as err:
+        return f"key date {frame.year:04d}/{frame.month:02d}/{frame.day:02d} is not a date: {err}"
+    return None
+
+
+def captured_at_from(metadata: dict[str, str], frame: FrameKey) -> datetime | None:
+    """``captured_at`` from S3 object metadata if present, valid and about this frame."""
+    if not metadata:
+        return None
+    try:
+        meta = FrameMetadata.from_s3_metadata(metadata)
+    except MessageError as err:
+        logger.warning(
+            "worker: frame %s of device %s: ignoring its metadata: %s",
+            frame.frame_id,
+            frame.device_id,
+            err,
+        )
+        return None
+    if (meta.device_id, meta.frame_id) != (frame.device_id, frame.frame_id):
+        logger.warning(
+            "worker: frame %s of device %s: metadata names frame %s of device %s; ignoring it",
+            frame.frame_id,
+            frame.device_id,
+            meta.frame_id,
+            meta.device_id,
+        )
+        return None
+    return meta.captured_at
+
+
+class CaptionWorker:
+    """Captions frames under ``frames/``; see the module docstring.
+
+    Args:
+        config: broker, bucket, model and batching settings.
+        captioner: the model; loaded from ``config`` by :meth:`start` when None.
+        store: the object store (tests pass a fake); opened from ``config.s3`` when None.
+        client_id: MQTT client_id; default ``config.mqtt.client_id``, else
+            ``framecap-worker-{hostname}``.
+
+    Attributes:
+        counters: (property) a snapshot: ``captioned``, ``errors``, ``skipped``,
+            ``notified``, ``listed``, ``batches``, ``bad_keys``, ``s3_errors``.
+    """
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        captioner: CaptionerLike | None = None,
+        *,
+        store: ObjectStore | None = None,
+        client_id: str | None = None,
+    ) -> None:
+        self.config = config
+        self.topics = Topics(config.mqtt.topic_prefix)
+        self.client_id = client_id or config.mqtt.client_id or default_client_id("worker")
+        self.captioner = captioner
+        self._store = store
+        self._client: MqttClient | None = None
+        self._queue: queue.Queue[str] = queue.Queue()
+        self._pending: set[str] = set()
+        self._bad_keys: set[str] = set()
+        self._lock = threading.Lock()
+        self._counts: Counter[str] = Counter()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._s3_down_since: float | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self, *, mqtt_enabled: bool = True) -> None:
+        """Load the model and the store, start the batch and list threads, connect.
+
+        ``mqtt_enabled=False`` runs on listings alone (tests, batch use). Returns at once.
+
+        Raises:
+            ImportError, OSError, ValueError, RuntimeError: as :func:`load_captioner`.
+        """
+        if self.captioner is None:
+            self.captioner = load_captioner(self.config)
+        if self._store is None:
+            self._store = open_store(self.config.s3)
+        self._stop.clear()
+        self._threads = [
+            threading.Thread(target=self._batch_loop, name="worker-batches", daemon=True),
+            threading.Thread(target=self._list_loop, name="worker-lister", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+        if mqtt_enabled:
+            client = MqttClient(self.config.mqtt, self.client_id, clean_start=False)
+            client.subscribe(self.topics.shared(self.config.share_group, "acks"), self._on_ack, 1)
+            client.start()
+            self._client = client
+        logger.info(
+            "worker %s: started (model %s, bucket %s, batch %d, max wait %.2f s)",
+            self.client_id,
+            self.captioner.name,
+            self.config.s3.bucket,
+            self.config.batch_size,
+            self.config.max_wait_s,
+        )
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Finish the current batch (at most ``timeout`` seconds), stop the threads, disconnect."""
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout)
+        if self._client is not None:
+            self._client.stop()
+        logger.info("worker %s: stopped; %s", self.client_id, self.counters)
+
+    def wait_connected(self, timeout: float | None = None) -> bool:
+        """True once connected to the broker (within ``timeout`` seconds)."""
+        return self._client is not None and self._client.wait_connected(timeout)
+
+    @property
+    def counters(self) -> dict[str, int]:
+        """A snapshot of the counters (see the class docstring)."""
+        with self._lock:
+            return dict(self._counts)
+
+    @property
+    def backlog(self) -> int:
+        """Frames queued or in the current batch."""
+        with self._lock:
+            return len(self._pending)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:
+            self._counts[name] += n
+
+    # -- finding frames --------------------------------------------------------------------
+    def request(self, key: str) -> bool:
+        """Queue ``frames/...`` key for captioning unless it is already queued or in a batch."""
+        with self._lock:
+            if key in self._pending or key in self._bad_keys:
+                return False
+            self._pending.add(key)
+        self._queue.put(key)
+        return True
+
+    def _on_ack(self, message: mqtt.MQTTMessage) -> None:
+        """MQTT network thread: decode the FrameAck and queue its key; never blocks."""
+        try:
+            ack = FrameAck.from_json(message.payload)
+        except MessageError as err:
+            logger.warning("worker: ignoring a bad ack on %s: %s", message.topic[:200], err)
+            return
+        self._count("notified")
+        self.request(ack.key)
+
+    def scan(self) -> int:
+        """List ``frames/`` and ``captions/`` once and queue every frame without a caption.
+
+        Returns:
+            How many keys were queued.
+        Raises:
+            StorageError: a listing failed.
+        """
+        store = self._require_store()
+        captions = set(store.list_keys("captions/"))
+        queued = 0
+        for key in store.list_keys(FRAMES_PREFIX):
+            if key.endswith("/") or key in self._bad_keys:
+                continue
+            try:
+                frame = parse_frame_key(key)
+            except InvalidIdError as err:
+                self._bad_key(key, str(err))
+                continue
+            if frame.caption_key not in captions and self.request(key):
+                queued += 1
+        self._count("listed", queued)
+        if queued:
+            logger.info("worker: listing found %d frames without captions", queued)
+        return queued
+
+    def _bad_key(self, key: str, reason: str) -> None:
+        with self._lock:
+            self._bad_keys.add(key)
+        self._count("bad_keys")
+        logger.error(
+            "worker: cannot caption %r: %s (no caption key can be derived)", key[:300], reason
+        )
+
+    def _list_loop(self) -> None:
+        delays = retry_delays(1.0, self.config.list_interval_s)
+        while not self._stop.is_set():
+            try:
+                self.scan()
+                wait = self.config.list_interval_s
+                delays = retry_delays(1.0, self.config.list_interval_s)
+            except StorageError as err:
+                self._s3_failed("listing frames/", err)
+                wait = next(delays)
+            except Exception:  # noqa: BLE001 - keep listing whatever happens
+                logger.exception("worker: listing failed")
+                wait = self.config.list_interval_s
+            self._stop.wait(wait)
+
+    # -- batches ---------------------------------------------------------------------------
+    def _next_batch(self) -> list[str]:
+        """Up to batch_size keys: block for the first (0.2 s slices), then max_wait_s more."""
+        try:
+            keys = [self._queue.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self.config.max_wait_s
+        while len(keys) < self.config.batch_size:
+            left = deadline - time.monotonic()
+            try:
+                keys.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return keys
+
+    def _batch_loop(self) -> None:
+        while not self._stop.is_set():
+            keys = self._next_batch()
+            if not keys:
+                continue
+            try:
+                self.process_batch(keys)
+            except _Stopping:
+                return
+            except Exception:  # noqa: BLE001 - one bad batch must never stop the worker
+                logger.exception(
+                    "worker: batch of %d failed; the next listing retries it", len(keys)
+                )
+            finally:
+                with self._lock:
+                    self._pending.difference_update(keys)
+
+    def process_batch(self, keys: Sequence[str]) -> None:
+        """Caption ``keys`` (``frames/...``) and write and publish their records.
+
+        Raises:
+            _Stopping: :meth:`stop` was called while S3 was down.
+        """
+        jobs = [job for job in (self._prepare(key) for key in keys) if job is not None]
+        ready = [job for job in jobs if job.image is not None]
+        if ready:
+            self._caption(ready)
+        for job in jobs:
+            self._finish(job)
+
+    def _prepare(self, key: str) -> _Job | None:
+        """Parse, check and fetch one frame; None when there is nothing to do."""
+        try:
+            frame = parse_frame_key(key)
+        except InvalidIdError as err:
+            self._bad_key(key, str(err))
+            return None
+        job = _Job(key, frame)
+        if self._s3(lambda s: s.exists(frame.caption_key)):
+            self._count("skipped")
+            metrics.WORKER_FRAMES.labels("skipped").inc()
+            return None
+        job.error = frame_date_error(frame)
+        if job.error is not None:
+            return job
+        found = self._s3(lambda s: s.get(key))
+        if found is None:
+            logger.warning(
+                "worker: frame %s of device %s: %s vanished", frame.frame_id, frame.device_id, key
+            )
+            return None
+        data, metadata = found
+        job.captured_at = captured_at_from(metadata, frame)
+        if len(data) > self.config.max_frame_bytes:
+            job.error = f"object is {len(data)} bytes, more than {self.config.max_frame_bytes}"
+            return job
+        try:
+            job.image = decode_image(data, self.config.max_pixels)
+        except ValueError as err:
+            job.error = str(err)
+        return job
+
+    def _caption(self, jobs: list[_Job]) -> None:
+        """Run the model on the jobs' images; a frame the model fails on gets ``error``."""
+        assert self.captioner is not None
+        started = time.monotonic()
+        try:
+            results = self.captioner.caption_images([job.image for job in jobs])  # type: ignore[misc]
+            if len(results) != len(jobs):
+                raise RuntimeError(
+                    f"captioner returned {len(results)} results for {len(jobs)} images"
+                )
+        except Exception as err:  # noqa: BLE001 - isolate the frame that breaks the model
+            logger.warning(
+                "worker: batch of %d failed in the model (%s); one by one", len(jobs), err
+            )
+            results = [self._caption_one(job) for job in jobs]
+        seconds = time.monotonic() - started
+        metrics.WORKER_BATCH_SECONDS.observe(seconds)
+        self._count("batches")
+        logger.info(
+            "worker: captioned a batch of %d in %.2f s (%.0f ms per frame)",
+            len(jobs),
+            seconds,
+            1000 * seconds / len(jobs),
+        )
+        for job, (caption, score) in zip(jobs, results, strict=True):
+            job.caption, job.score = caption, score
+
+    def _caption_one(self, job: _Job) -> tuple[str, float | None]:
+        assert self.captioner is not None and job.image is not None
+        try:
+            return self.captioner.caption_images([job.image])[0]
+        except Exception as err:  # noqa: BLE001
+            job.error = f"captioning failed: {type(err).__name__}: {err}"[:500]
+            return "", None
+
+    def _finish(self, job: _Job) -> None:
+        """Write the job's record if absent and publish it if this worker wrote it."""
+        frame = job.frame
+        error = job.error
+        record = CaptionRecord(
+            frame_id=frame.frame_id,
+            device_id=frame.device_id,
+            captured_at=job.captured_at,
+            caption="" if error else job.caption,
+            score=None if error else job.score,
+            model=self.captioner.name if self.captioner is not None else "unknown",
+            frame_key=job.key,
+            caption_key=frame.caption_key,
+            error=error,
+        )
+        body = record.to_json()
+        created = self._s3(
+            lambda s: s.put_if_absent(frame.caption_key, body, {}, JSON_CONTENT_TYPE)
+        )
+        result = "skipped" if not created else ("error" if error else "captioned")
+        self._count({"skipped": "skipped", "error": "errors", "captioned": "captioned"}[result])
+        metrics.WORKER_FRAMES.labels(result).inc()
+        if not created:
+            logger.info(
+                "worker: frame %s of device %s: caption already written",
+                frame.frame_id,
+                frame.device_id,
+            )
+            return
+        if error:
+            logger.warning(
+                "worker: frame %s of device %s (%s): error record: %s",
+                frame.frame_id,
+                frame.device_id,
+                job.key,
+                error,
+            )
+        else:
+            logger.info(
+                "worker: frame %s of device %s: %r (score %.2f)",
+                frame.frame_id,
+                frame.device_id,
+                record.caption,
+                record.score,
+            )
+        if self._client is not None:
+            self._client.publish(self.topics.captions(frame.device_id), body, qos=1)
+
+    # -- S3 with retries -------------------------------------------------------------------
+    def _require_store(self) -> ObjectStore:
+        if self._store is None:
+            raise RuntimeError("start() opens the store")
+        return self._store
+
+    def _s3(self, call):  # type: ignore[no-untyped-def]
+        """``call(store)``, retried with backoff while S3 fails.
+
+        Raises:
+            _Stopping: :meth:`stop` was called before S3 answered.
+        """
+        store = self._require_store()
+        for delay in retry_delays():
+            try:
+                result = call(store)
+            except StorageError as err:
+                self._s3_failed("captioning", err)
+                if self._stop.wait(delay):
+                    raise _Stopping from err
+                continue
+            if self._s3_down_since is not None:
+                logger.warning(
+                    "worker: S3 is back after %.1f s", time.monotonic() - self._s3_down_since
+                )
+                self._s3_down_since = None
+            return result
+        raise AssertionError("retry_delays() never ends")  # pragma: no cover
+
+    def _s3_failed(self, doing: str, err: Exception) -> None:
+        self._count("s3_errors")
+        metrics.WORKER_S3_ERRORS.inc()
+        if self._s3_down_since is None:
+            self._s3_down_since = time.monotonic()
+            logger.error("worker: S3 unavailable while %s: %s; retrying", doing, err)
+        else:
+            logger.debug("worker: S3 still unavailable: %s", err)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``framecap worker``; 0 after SIGINT/SIGTERM, 1 if the model cannot load, 2 on a bad config."""
+    parser = argparse.ArgumentParser(prog="framecap worker", description=__doc__.splitlines()[0])
+    add_common_arguments(parser)
+    parser.add_argument("--model", help="override model (checkpoint path)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override device")
+    parser.add_argument("--beam-size", type=int, help="override beam_size")
+    parser.add_argument("--batch-size", type=int, help="override batch_size")
+    parser.add_argument("--list-interval", type=float, help="override list_interval_s")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    overrides = common_overrides(args) | {
+        "model": args.model,
+        "device": args.device,
+        "beam_size": args.beam_size,
+        "batch_size": args.batch_size,
+        "list_interval_s": args.list_interval,
+    }
+    try:
+        config = load_config(WorkerConfig, args.config, overrides)
+    except ConfigError as err:
+        print(f"framecap worker: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        print("framecap worker: config OK")
+        return 0
+    try:
+        captioner = load_captioner(config)
+    except (ImportError, OSError, ValueError, RuntimeError) as err:
+        print(
+            f"framecap worker: cannot load the model {config.model or '(default)'}: {err}",
+            file=sys.stderr,
+        )
+        return 1
+    if config.metrics_port is not None:
+        metrics.serve(config.metrics_port)
+    return run_until_signal(CaptionWorker(config, captioner), "worker")
