@@ -1,0 +1,336 @@
+"""``framecap edge``: capture, sample, encode, spool and publish the frames of one device.
+
+Threads: a capture thread runs source -> :class:`FrameSampler` -> :func:`encode_jpeg` ->
+:meth:`FrameSpool.put` and wakes the :class:`FramePublisher`, whose own thread does all the
+network work; so the capture loop never waits on the network. The thread that calls
+:meth:`EdgeDaemon.run` waits for the end: a stop request (SIGINT/SIGTERM), or the end of a video
+file (or ``max_frames``) followed by every frame acked or ``drain_timeout_s`` passed (frames not
+acked stay in the spool for the next run).
+
+Embedding (``framecap demo`` runs it in-process)::
+
+    daemon = EdgeDaemon(load_config(EdgeConfig, "edge.yaml"))
+    summary = daemon.run()          # blocks; daemon.request_stop() from another thread ends it
+    print(summary.to_json())
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+from common.config import ConfigError, EdgeConfig, load_config
+from common.messages import CaptionRecord, FrameMetadata
+from common.topics import validate_id
+from edge.capture import CapturedFrame, FrameSource, SourceError
+from edge.encoding import EncodingError, encode_jpeg
+from edge.publisher import FramePublisher
+from edge.sampling import FrameSampler, SampleDecision
+from edge.spool import FrameSpool, SpoolError
+
+logger = logging.getLogger(__name__)
+
+SUMMARY_KEYS = ("device_id", "frames_read", "frames_sampled", "frames_acked", "frames_dropped",
+                "captions_received", "elapsed_s")
+
+
+def make_frame_id(captured_at: datetime, seq: int) -> str:
+    """``{YYYYMMDDTHHMMSSmmm}Z-{seq:06d}`` from the UTC capture time; safe for topics and keys.
+
+    Unique per device because ``seq`` never repeats within a spool's life.
+
+    Raises:
+        ValueError: ``captured_at`` is naive or ``seq`` is negative.
+    """
+    if captured_at.tzinfo is None:
+        raise ValueError("captured_at must be timezone-aware")
+    if seq < 0:
+        raise ValueError(f"seq must be >= 0, got {seq}")
+    utc = captured_at.astimezone(timezone.utc)
+    return validate_id(f"{utc:%Y%m%dT%H%M%S}{utc.microsecond // 1000:03d}Z-{seq:06d}", "frame_id")
+
+
+@dataclass
+class EdgeSummary:
+    """What a run did; :meth:`to_json` is the one-line summary ``framecap edge`` prints.
+
+    ``frames_pending`` frames were left in the spool (not acked); ``drained`` is True when the
+    source ended and every frame was acked; ``error`` says why the run failed, if it did.
+    """
+
+    device_id: str
+    frames_read: int = 0
+    frames_sampled: int = 0
+    frames_acked: int = 0
+    frames_dropped: int = 0
+    captions_received: int = 0
+    elapsed_s: float = 0.0
+    frames_pending: int = 0
+    drained: bool = False
+    stopped: bool = False
+    error: str | None = None
+
+    @property
+    def exit_code(self) -> int:
+        """0: drained or stopped on request; 1: an error, or the drain timed out."""
+        if self.error is not None:
+            return 1
+        return 0 if self.drained or self.stopped else 1
+
+    def to_json(self) -> str:
+        """One JSON line with the counters (the keys of :data:`SUMMARY_KEYS` first)."""
+        data = asdict(self)
+        data["elapsed_s"] = round(self.elapsed_s, 3)
+        if data["error"] is None:
+            del data["error"]
+        return json.dumps(data)
+
+
+class EdgeDaemon:
+    """One device's capture -> spool -> MQTT pipeline.
+
+    Args:
+        config: the validated edge config.
+        on_caption: called with each caption that comes back (on the publisher's thread).
+        print_captions: print ``HH:MM:SS frame_id caption`` lines to stdout.
+    """
+
+    def __init__(
+        self,
+        config: EdgeConfig,
+        *,
+        on_caption: Callable[[CaptionRecord], None] | None = None,
+        print_captions: bool = True,
+    ) -> None:
+        self.config = config
+        self.device_id = config.device_id
+        self.on_caption = on_caption
+        self.print_captions = print_captions
+        self._stop_requested = threading.Event()
+        self._capture_stop = threading.Event()
+        self._capture_done = threading.Event()
+        self._summary = EdgeSummary(device_id=config.device_id)
+        self._spool: FrameSpool | None = None
+        self._publisher: FramePublisher | None = None
+        self._started = 0.0
+
+    def request_stop(self) -> None:
+        """Ask :meth:`run` to stop soon and cleanly (thread- and signal-safe)."""
+        self._stop_requested.set()
+        self._capture_stop.set()
+
+    def summary(self) -> EdgeSummary:
+        """The counters now (a copy; also valid while running)."""
+        s = self._summary
+        if self._spool is not None:
+            s.frames_dropped = self._spool.dropped
+            s.frames_pending = len(self._spool)
+        if self._publisher is not None:
+            s.frames_acked = self._publisher.stats.acked
+            s.captions_received = self._publisher.stats.captions_received
+        if self._started:
+            s.elapsed_s = time.monotonic() - self._started
+        return EdgeSummary(**asdict(s))
+
+    def run(self) -> EdgeSummary:
+        """Run until stopped, or until a file source has ended and drained; never raises."""
+        self._started = time.monotonic()
+        cfg = self.config
+        try:
+            self._spool = FrameSpool(cfg.spool.directory, cfg.device_id,
+                                     max_frames=cfg.spool.max_frames, max_bytes=cfg.spool.max_bytes)
+        except (SpoolError, OSError) as err:
+            self._summary.error = str(err)
+            logger.error("%s: %s", self.device_id, err)
+            return self.summary()
+        self._publisher = FramePublisher(
+            cfg.device_id, cfg.mqtt, self._spool,
+            resend_after_s=cfg.spool.resend_after_s, captions_jsonl=cfg.captions_jsonl,
+            on_caption=self.on_caption, print_captions=self.print_captions,
+        )
+        source = FrameSource(cfg.source, reopen_min_s=cfg.reopen_min_s, reopen_max_s=cfg.reopen_max_s,
+                             stop_event=self._capture_stop, label=cfg.device_id)
+        self._publisher.start()
+        capture = threading.Thread(target=self._capture, args=(source,), name="capture", daemon=True)
+        capture.start()
+        try:
+            self._wait_capture()
+            if not self._stop_requested.is_set() and self._summary.error is None:
+                self._drain()
+        finally:
+            self._capture_stop.set()
+            capture.join(timeout=10)
+            self._publisher.stop()
+        summary = self.summary()
+        summary.stopped = self._stop_requested.is_set()
+        logger.info("%s: finished: %s", self.device_id, summary.to_json())
+        return summary
+
+    def _wait_capture(self) -> None:
+        while not self._stop_requested.is_set() and not self._capture_done.wait(0.2):
+            pass
+
+    def _drain(self) -> None:
+        """Wait until every spooled frame is acked, a stop request, or drain_timeout_s."""
+        assert self._spool is not None
+        deadline = time.monotonic() + self.config.drain_timeout_s
+        pending = len(self._spool)
+        logger.info("%s: source done; waiting up to %.0f s for %d frames to be acked",
+                    self.device_id, self.config.drain_timeout_s, pending)
+        while pending and not self._stop_requested.is_set() and time.monotonic() < deadline:
+            self._stop_requested.wait(0.1)
+            pending = len(self._spool)
+        if pending == 0:
+            self._summary.drained = True
+            logger.info("%s: every frame acked; spool empty", self.device_id)
+        elif not self._stop_requested.is_set():
+            logger.warning("%s: drain timeout (%.0f s): %d frames not acked stay in the spool %s",
+                           self.device_id, self.config.drain_timeout_s, pending,
+                           self.config.spool.directory)
+
+    # -- capture thread ------------------------------------------------------------------
+    def _capture(self, source: FrameSource) -> None:
+        sampler = FrameSampler(self.config.sampling)
+        try:
+            for frame in source.frames():
+                self._summary.frames_read += 1
+                decision = sampler.offer(frame.image, frame.timestamp_s)
+                if not decision.send:
+                    logger.debug("%s: frame %d at %.3f s skipped (%s)", self.device_id,
+                                 frame.index, frame.timestamp_s, decision.reason)
+                    continue
+                if self._spool_frame(frame, decision):
+                    self._summary.frames_sampled += 1
+                limit = self.config.max_frames
+                if limit is not None and self._summary.frames_sampled >= limit:
+                    logger.info("%s: max_frames=%d sampled; capture ends", self.device_id, limit)
+                    break
+        except SourceError as err:
+            self._summary.error = str(err)
+            logger.error("%s", err)
+        except Exception as err:  # noqa: BLE001 - report, then let run() stop cleanly
+            self._summary.error = f"capture failed: {err}"
+            logger.exception("%s: capture failed", self.device_id)
+        finally:
+            self._capture_done.set()
+
+    def _spool_frame(self, frame: CapturedFrame, decision: SampleDecision) -> bool:
+        """Encode and spool one sampled frame; False (logged) if it could not be."""
+        assert self._spool is not None and self._publisher is not None
+        try:
+            encoded = encode_jpeg(frame.image, self.config.encoding)
+            seq = self._spool.allocate_seq()
+            frame_id = make_frame_id(frame.captured_at, seq)
+            metadata = FrameMetadata(
+                device_id=self.device_id, frame_id=frame_id, captured_at=frame.captured_at,
+                seq=seq, width=encoded.width, height=encoded.height,
+                sha256=_sha256(encoded.jpeg),
+            )
+            self._spool.put(metadata, encoded.jpeg)
+        except (EncodingError, SpoolError, OSError) as err:
+            logger.error("%s: source frame %d at %.3f s not spooled: %s",
+                         self.device_id, frame.index, frame.timestamp_s, err)
+            return False
+        logger.info("%s: frame %s sampled (%s, t=%.3f s) and spooled (%dx%d, q%d, %d bytes)",
+                    self.device_id, frame_id, decision.reason, frame.timestamp_s,
+                    encoded.width, encoded.height, encoded.quality, len(encoded.jpeg))
+        self._publisher.notify()
+        return True
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+# -- command line --------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    """The ``framecap edge`` argument parser."""
+    p = argparse.ArgumentParser(
+        prog="framecap edge",
+        description="Capture frames from a camera, video file, RTSP URL or GStreamer pipeline; "
+        "sample them by interval and scene change; spool them on disk; publish them over MQTT "
+        "until the cloud acknowledges each; print the captions that come back. Options override "
+        "the YAML config. The MQTT password comes from $FRAMECAP_MQTT_PASSWORD.",
+    )
+    p.add_argument("--config", metavar="EDGE_YAML", help="edge config file (YAML)")
+    p.add_argument("--device-id", help="this device's id (letters, digits, '.', '_', '-')")
+    p.add_argument("--source", help="camera index ('0'), video file, rtsp://... URL, or a "
+                   "GStreamer pipeline containing '!' (Jetson CSI: 'nvarguscamerasrc ! ... ! appsink')")
+    p.add_argument("--mqtt-host", help="broker host")
+    p.add_argument("--mqtt-port", type=int, help="broker TCP port")
+    p.add_argument("--mqtt-username", help="broker user name (password: $FRAMECAP_MQTT_PASSWORD)")
+    p.add_argument("--spool-dir", help="spool directory for frames not yet acknowledged")
+    p.add_argument("--interval", type=float, metavar="S", help="send at most one frame per S seconds")
+    p.add_argument("--scene-threshold", type=float, metavar="T",
+                   help="skip frames whose grey-thumbnail mean absolute difference (0..1) to the "
+                   "last frame sent is below T")
+    p.add_argument("--no-scene-change", action="store_true", help="sample by interval only")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after sampling N frames")
+    p.add_argument("--captions-jsonl", metavar="FILE", help="append each caption received to FILE")
+    p.add_argument("--drain-timeout", type=float, metavar="S",
+                   help="after a video file ends, wait at most S seconds for every ack")
+    p.add_argument("--validate-config", action="store_true", help="check the config and exit")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Dotted config keys set on the command line (None values are ignored by load_config)."""
+    return {
+        "device_id": args.device_id,
+        "source": args.source,
+        "mqtt.host": args.mqtt_host,
+        "mqtt.port": args.mqtt_port,
+        "mqtt.username": args.mqtt_username,
+        "spool.directory": args.spool_dir,
+        "sampling.interval_s": args.interval,
+        "sampling.scene_threshold": args.scene_threshold,
+        "sampling.scene_change": False if args.no_scene_change else None,
+        "max_frames": args.max_frames,
+        "captions_jsonl": args.captions_jsonl,
+        "drain_timeout_s": args.drain_timeout,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``framecap edge``; returns the exit status (2: bad config)."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        config = load_config(EdgeConfig, args.config, overrides_from_args(args))
+    except ConfigError as err:
+        print(f"framecap edge: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    if args.validate_config:
+        print(f"framecap edge: config OK (device {config.device_id}, source {config.source})")
+        return 0
+    daemon = EdgeDaemon(config)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, _frame: _on_signal(daemon, signum))
+    try:
+        summary = daemon.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    print(summary.to_json(), flush=True)
+    return summary.exit_code
+
+
+def _on_signal(daemon: EdgeDaemon, signum: int) -> None:
+    logger.info("%s: signal %s: stopping", daemon.device_id, signal.Signals(signum).name)
+    daemon.request_stop()
