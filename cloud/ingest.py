@@ -278,7 +278,10 @@ def _check_image(payload: bytes, meta: FrameMetadata, max_pixels: int) -> None:
         raise InvalidFrame("too_many_pixels", f"{width}x{height} > {max_pixels} pixels", *ids)
     if not payload.rstrip(b"\x00").endswith(b"\xff\xd9"):
         raise InvalidFrame("truncated_jpeg", "no end-of-image marker", *ids)
-    image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    try:
+        image = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise InvalidFrame("undecodable", f"OpenCV: {err}"[:300], *ids) from err
     if image is None:
         raise InvalidFrame("undecodable", "OpenCV cannot decode the JPEG", *ids)
     if image.shape[:2] != (height, width):

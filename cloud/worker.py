@@ -112,7 +112,12 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
     else:
         if width * height > max_pixels:
             raise ValueError(f"image is {width}x{height}, more than {max_pixels} pixels")
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if not data:
+        raise ValueError("the object is empty")
+    try:
+        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error as err:
+        raise ValueError(f"OpenCV cannot decode it: {err}") from err
     if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
         raise ValueError("not an image OpenCV can decode")
     if bgr.shape[0] * bgr.shape[1] > max_pixels:

@@ -1,0 +1,136 @@
+"""Fakes and frame builders for the cloud unit tests (no network)."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+import cv2
+import numpy as np
+
+from cloud.ingest import StorageError
+from common.messages import FrameMetadata
+
+CAPTURED_AT = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
+
+
+def jpeg_bytes(width: int = 64, height: int = 48, seed: int = 0) -> bytes:
+    """A real JPEG of random noise, width x height pixels."""
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 255, (height, width, 3), dtype=np.uint8)
+    ok, buf = cv2.imencode(".jpg", image, [cv2.IMWRITE_JPEG_QUALITY, 80])
+    assert ok
+    return buf.tobytes()
+
+
+def metadata_for(
+    payload: bytes,
+    device_id: str = "cam1",
+    frame_id: str = "f000001",
+    width: int = 64,
+    height: int = 48,
+) -> FrameMetadata:
+    """FrameMetadata that matches ``payload`` (sha256) with the given size."""
+    return FrameMetadata(
+        device_id=device_id,
+        frame_id=frame_id,
+        captured_at=CAPTURED_AT,
+        seq=1,
+        width=width,
+        height=height,
+        sha256=hashlib.sha256(payload).hexdigest(),
+    )
+
+
+class FakeStore:
+    """An in-memory ObjectStore; ``fail_next`` calls raise StorageError (an outage)."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, tuple[bytes, dict[str, str], str]] = {}
+        self.fail_next = 0
+        self.calls: list[tuple[str, str]] = []
+        self._lock = threading.Lock()
+
+    def _maybe_fail(self, op: str, key: str) -> None:
+        with self._lock:
+            self.calls.append((op, key))
+            if self.fail_next > 0:
+                self.fail_next -= 1
+                raise StorageError(f"fake outage on {op} {key}")
+
+    def put_if_absent(
+        self, key: str, body: bytes, metadata: Mapping[str, str], content_type: str
+    ) -> bool:
+        self._maybe_fail("put", key)
+        with self._lock:
+            if key in self.objects:
+                return False
+            self.objects[key] = (bytes(body), dict(metadata), content_type)
+            return True
+
+    def head_metadata(self, key: str) -> dict[str, str] | None:
+        self._maybe_fail("head", key)
+        obj = self.objects.get(key)
+        return None if obj is None else dict(obj[1])
+
+    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
+        self._maybe_fail("get", key)
+        obj = self.objects.get(key)
+        return None if obj is None else (obj[0], dict(obj[1]))
+
+    def exists(self, key: str) -> bool:
+        self._maybe_fail("exists", key)
+        return key in self.objects
+
+    def list_keys(self, prefix: str) -> Iterator[str]:
+        self._maybe_fail("list", prefix)
+        return iter(sorted(k for k in self.objects if k.startswith(prefix)))
+
+
+@dataclass
+class _Info:
+    rc: int = 0
+    mid: int = 1
+
+
+@dataclass
+class FakeMqtt:
+    """Records what the services ack and publish, in order."""
+
+    events: list[tuple] = field(default_factory=list)
+
+    def ack(self, mid: int, qos: int) -> None:
+        self.events.append(("ack", mid, qos))
+
+    def publish(self, topic: str, payload: bytes | str, *, qos: int = 1, **_: object) -> _Info:
+        self.events.append(("publish", topic, payload, qos))
+        return _Info()
+
+    def published(self, suffix: str = "") -> list[tuple]:
+        return [e for e in self.events if e[0] == "publish" and e[1].endswith(suffix)]
+
+    def acks(self) -> list[tuple]:
+        return [e for e in self.events if e[0] == "ack"]
+
+
+class FakeCaptioner:
+    """Captions by mean colour; ``fail_on_red`` raises for images whose red mean > 200."""
+
+    name = "fake-captioner"
+
+    def __init__(self, fail_on_red: bool = False) -> None:
+        self.batches: list[int] = []
+        self.fail_on_red = fail_on_red
+
+    def caption_images(self, images: Sequence[np.ndarray]) -> list[tuple[str, float]]:
+        self.batches.append(len(images))
+        out = []
+        for image in images:
+            assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3
+            if self.fail_on_red and image[..., 0].mean() > 200:
+                raise RuntimeError("model cannot stand red")
+            out.append((f"a picture {image.shape[1]} wide", -1.5))
+        return out

@@ -1,0 +1,94 @@
+"""Unit tests of IngestService.handle with a fake store and a fake MQTT client."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+from cloud_fakes import FakeMqtt, FakeStore, jpeg_bytes, metadata_for
+
+from cloud.ingest import IngestService, _Inbound, _Stopping
+from common.config import IngestConfig
+from common.messages import FrameAck
+
+KEY = "frames/cam1/2026/01/31/f000001.jpg"
+
+
+def make_service() -> tuple[IngestService, FakeStore, FakeMqtt]:
+    store, client = FakeStore(), FakeMqtt()
+    service = IngestService(IngestConfig(), store=store, client_id="test-ingest")
+    service._client = client  # type: ignore[assignment]
+    return service, store, client
+
+
+def inbound(payload: bytes, props, mid: int = 1, topic: str = "framecap/cam1/frames") -> _Inbound:
+    return _Inbound(topic, payload, list(props), mid=mid, qos=1, generation=0)
+
+
+def test_stores_once_then_acks_then_publishes_frame_ack() -> None:
+    service, store, client = make_service()
+    payload = jpeg_bytes()
+    props = metadata_for(payload).to_user_properties()
+    service.handle(inbound(payload, props, mid=7))
+    service.handle(inbound(payload, props, mid=8))  # a redelivery
+    assert list(store.objects) == [KEY]
+    body, meta, content_type = store.objects[KEY]
+    assert body == payload and content_type == "image/jpeg"
+    assert meta == metadata_for(payload).to_s3_metadata()
+    assert [e[0] for e in client.events] == ["ack", "publish", "ack", "publish"]
+    assert client.acks() == [("ack", 7, 1), ("ack", 8, 1)]
+    ack = FrameAck.from_json(client.published("/acks")[0][2])
+    assert (ack.device_id, ack.frame_id, ack.key) == ("cam1", "f000001", KEY)
+    assert service.counters["stored"] == 1 and service.counters["duplicates"] == 1
+
+
+def test_other_bytes_under_the_same_key_are_a_conflict_and_kept_out() -> None:
+    service, store, client = make_service()
+    first, second = jpeg_bytes(seed=1), jpeg_bytes(seed=2)
+    service.handle(inbound(first, metadata_for(first).to_user_properties()))
+    service.handle(inbound(second, metadata_for(second).to_user_properties(), mid=2))
+    assert store.objects[KEY][0] == first
+    assert service.counters["conflicts"] == 1
+    assert len(client.acks()) == 2
+
+
+def test_invalid_frame_is_counted_acked_and_not_stored() -> None:
+    service, store, client = make_service()
+    service.handle(inbound(b"\x00garbage", [], mid=3))
+    payload = jpeg_bytes()
+    service.handle(inbound(payload, metadata_for(payload).to_user_properties(), mid=4))
+    assert service.counters["invalid"] == 1
+    assert service.counters["invalid.missing_metadata"] == 1
+    assert client.acks() == [("ack", 3, 1), ("ack", 4, 1)]
+    assert len(client.published("/acks")) == 1
+    assert list(store.objects) == [KEY]
+
+
+def test_s3_outage_is_retried_and_nothing_is_acked_before_the_put() -> None:
+    service, store, client = make_service()
+    store.fail_next = 2
+    payload = jpeg_bytes()
+    service.handle(inbound(payload, metadata_for(payload).to_user_properties()))
+    assert list(store.objects) == [KEY]
+    assert service.counters["s3_errors"] == 2
+    assert [e[0] for e in client.events] == ["ack", "publish"]
+
+
+def test_stop_during_an_outage_leaves_the_frame_unacked() -> None:
+    service, store, client = make_service()
+    store.fail_next = 10**6
+    payload = jpeg_bytes()
+    threading.Timer(0.3, service._stop.set).start()
+    with pytest.raises(_Stopping):
+        service.handle(inbound(payload, metadata_for(payload).to_user_properties()))
+    assert client.events == [] and store.objects == {}
+
+
+def test_a_message_from_an_earlier_connection_is_not_acked() -> None:
+    service, store, client = make_service()
+    payload = jpeg_bytes()
+    item = inbound(payload, metadata_for(payload).to_user_properties())
+    service._on_connected(True)  # reconnected after the message arrived: its mid is stale
+    service.handle(item)
+    assert client.acks() == []
+    assert list(store.objects) == [KEY]

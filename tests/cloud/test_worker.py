@@ -1,0 +1,170 @@
+"""Unit tests of CaptionWorker with a fake store, captioner and MQTT client."""
+
+from __future__ import annotations
+
+import time
+
+import cv2
+import numpy as np
+from cloud_fakes import CAPTURED_AT, FakeCaptioner, FakeMqtt, FakeStore, jpeg_bytes, metadata_for
+
+from cloud.worker import CaptionWorker, decode_image
+from common.config import WorkerConfig
+from common.messages import CaptionRecord
+
+FRAME = "frames/cam1/2026/01/31/f000001.jpg"
+CAPTION = "captions/cam1/2026/01/31/f000001.json"
+
+
+def make_worker(
+    captioner: FakeCaptioner | None = None, **config: object
+) -> tuple[CaptionWorker, FakeStore, FakeMqtt]:
+    store, client = FakeStore(), FakeMqtt()
+    worker = CaptionWorker(
+        WorkerConfig(**config), captioner or FakeCaptioner(), store=store, client_id="test-worker"
+    )
+    worker._client = client  # type: ignore[assignment]
+    return worker, store, client
+
+
+def put_frame(store: FakeStore, key: str = FRAME, body: bytes | None = None, meta: bool = True) -> None:
+    body = jpeg_bytes() if body is None else body
+    metadata = metadata_for(body).to_s3_metadata() if meta else {}
+    store.objects[key] = (body, metadata, "image/jpeg")
+
+
+def record(store: FakeStore, key: str = CAPTION) -> CaptionRecord:
+    return CaptionRecord.from_json(store.objects[key][0])
+
+
+def test_a_frame_is_captioned_written_and_published() -> None:
+    worker, store, client = make_worker()
+    put_frame(store)
+    worker.process_batch([FRAME])
+    rec = record(store)
+    assert rec.caption == "a picture 64 wide" and rec.score == -1.5 and rec.error is None
+    assert (rec.device_id, rec.frame_id, rec.frame_key, rec.caption_key) == ("cam1", "f000001", FRAME, CAPTION)
+    assert rec.captured_at == CAPTURED_AT and rec.model == "fake-captioner"
+    [(_, topic, payload, qos)] = client.published()
+    assert topic == "framecap/cam1/captions" and qos == 1 and payload == store.objects[CAPTION][0]
+    assert worker.counters["captioned"] == 1
+
+
+def test_a_frame_without_metadata_is_captioned_from_its_key() -> None:
+    worker, store, _ = make_worker()
+    put_frame(store, meta=False)
+    worker.process_batch([FRAME])
+    assert record(store).captured_at is None and record(store).caption
+
+
+def test_a_non_image_object_gets_an_error_record() -> None:
+    worker, store, client = make_worker()
+    store.objects[FRAME] = (b"%PDF-1.4 not an image", {}, "application/pdf")
+    worker.process_batch([FRAME])
+    rec = record(store)
+    assert rec.caption == "" and rec.score is None and "not an image" in (rec.error or "")
+    assert worker.counters["errors"] == 1 and len(client.published()) == 1
+
+
+def test_an_impossible_date_in_the_key_gets_an_error_record() -> None:
+    worker, store, _ = make_worker()
+    key = "frames/cam1/2026/13/45/f1.jpg"
+    put_frame(store, key)
+    worker.process_batch([key])
+    assert "not a date" in (record(store, "captions/cam1/2026/13/45/f1.json").error or "")
+
+
+def test_a_key_outside_the_contract_is_logged_once_and_skipped() -> None:
+    worker, store, _ = make_worker()
+    put_frame(store, "frames/loose.jpg")
+    put_frame(store, "frames/cam1/2026/01/31/bad+id.jpg")
+    assert worker.scan() == 0
+    assert worker.scan() == 0
+    assert worker.counters["bad_keys"] == 2
+    assert not any(k.startswith("captions/") for k in store.objects)
+
+
+def test_an_existing_caption_is_skipped_and_never_rewritten() -> None:
+    worker, store, client = make_worker()
+    put_frame(store)
+    store.objects[CAPTION] = (b"{}", {}, "application/json")
+    assert worker.scan() == 0  # the listing sees the caption
+    worker.process_batch([FRAME])  # a notification checks again
+    assert store.objects[CAPTION][0] == b"{}" and client.published() == []
+    assert worker.counters["skipped"] == 1
+
+
+def test_scan_queues_each_missing_frame_once() -> None:
+    worker, store, _ = make_worker()
+    for i in range(3):
+        put_frame(store, f"frames/cam1/2026/01/31/f{i}.jpg")
+    store.objects["captions/cam1/2026/01/31/f0.json"] = (b"{}", {}, "application/json")
+    assert worker.scan() == 2
+    assert worker.scan() == 0  # already queued
+    assert not worker.request("frames/cam1/2026/01/31/f1.jpg")
+    assert worker.backlog == 2
+
+
+def test_batches_fill_up_to_batch_size_within_max_wait() -> None:
+    worker, store, _ = make_worker(batch_size=4, max_wait_s=0.2)
+    for i in range(6):
+        worker.request(f"frames/cam1/2026/01/31/f{i}.jpg")
+    assert len(worker._next_batch()) == 4
+    started = time.monotonic()
+    assert len(worker._next_batch()) == 2
+    assert time.monotonic() - started >= 0.15  # waited for more
+    assert worker._next_batch() == []
+
+
+def test_the_model_gets_one_batch_and_a_failing_image_gets_an_error_record() -> None:
+    captioner = FakeCaptioner(fail_on_red=True)
+    worker, store, _ = make_worker(captioner)
+    red = np.zeros((32, 32, 3), np.uint8)
+    red[..., 2] = 255  # BGR: red
+    ok, red_jpeg = cv2.imencode(".jpg", red)
+    keys = [f"frames/cam1/2026/01/31/f{i}.jpg" for i in range(3)]
+    put_frame(store, keys[0])
+    put_frame(store, keys[1], red_jpeg.tobytes(), meta=False)
+    put_frame(store, keys[2])
+    worker.process_batch(keys)
+    assert captioner.batches == [3, 1, 1, 1]  # the batch, then one by one
+    errors = [record(store, f"captions/cam1/2026/01/31/f{i}.json").error for i in range(3)]
+    assert errors[0] is None and errors[2] is None and "cannot stand red" in (errors[1] or "")
+
+
+def test_s3_outage_while_captioning_is_retried() -> None:
+    worker, store, _ = make_worker()
+    put_frame(store)
+    store.fail_next = 2
+    worker.process_batch([FRAME])
+    assert record(store).caption and worker.counters["s3_errors"] == 2
+
+
+def test_decode_image_gives_rgb_and_refuses_garbage() -> None:
+    bgr = np.zeros((8, 10, 3), np.uint8)
+    bgr[..., 0] = 255  # blue
+    ok, png = cv2.imencode(".png", bgr)
+    rgb = decode_image(png.tobytes(), max_pixels=1000)
+    assert rgb.shape == (8, 10, 3) and rgb[0, 0].tolist() == [0, 0, 255]
+    for bad in (b"", b"\xff\xd8\xff", jpeg_bytes()[:300]):
+        try:
+            decode_image(bad, max_pixels=10**6)
+        except ValueError:
+            continue
+        raise AssertionError(f"decoded {bad[:10]!r}")
+
+
+def test_worker_runs_on_listings_alone() -> None:
+    worker, store, _ = make_worker(list_interval_s=0.2, max_wait_s=0.05)
+    worker._client = None
+    put_frame(store)
+    worker.start(mqtt_enabled=False)
+    try:
+        put_frame(store, "frames/cam2/2026/01/31/late.jpg")  # appears after the first listing
+        deadline = time.monotonic() + 5
+        while worker.counters.get("captioned", 0) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        worker.stop()
+    assert worker.counters["captioned"] == 2
+    assert "captions/cam2/2026/01/31/late.json" in store.objects
