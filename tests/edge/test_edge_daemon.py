@@ -1,0 +1,73 @@
+"""The daemon without a network: frame ids, CLI config handling, the torch-free import."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+from edge_helpers import REPO
+
+from common.topics import validate_id
+from edge.daemon import SUMMARY_KEYS, EdgeSummary, main, make_frame_id
+
+
+def test_frame_id_is_safe_sortable_and_unique() -> None:
+    t = datetime(2026, 1, 31, 12, 0, 0, 123456, tzinfo=timezone.utc)
+    assert make_frame_id(t, 42) == "20260131T120000123Z-000042"
+    local = t.astimezone(timezone(timedelta(hours=-5)))
+    assert make_frame_id(local, 42) == "20260131T120000123Z-000042"  # always UTC
+    ids = [make_frame_id(t, seq) for seq in range(1000)]
+    assert len(set(ids)) == 1000 and ids == sorted(ids)
+    assert all(validate_id(i, "frame_id") == i for i in ids)
+    assert validate_id(make_frame_id(t, 10**9), "frame_id")  # seq past 6 digits still safe
+    with pytest.raises(ValueError):
+        make_frame_id(datetime(2026, 1, 1), 1)
+
+
+def test_summary_json_has_the_documented_keys() -> None:
+    line = EdgeSummary(device_id="cam-1", frames_read=3, elapsed_s=1.23456).to_json()
+    data = json.loads(line)
+    assert list(data)[: len(SUMMARY_KEYS)] == list(SUMMARY_KEYS)
+    assert data["elapsed_s"] == 1.235 and "\n" not in line
+
+
+def test_bad_config_exits_2_naming_the_key(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("device_id: cam-1\nsampling:\n  interval_s: -1\n")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "sampling.interval_s" in err and "-1" in err
+    assert main(["--device-id", "../etc"]) == 2
+    cfg.write_text("device_id: cam-1\nsampling:\n  intervall_s: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    assert "unknown key" in capsys.readouterr().err
+
+
+def test_validate_config_applies_overrides(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("device_id: cam-1\nsource: '0'\n")
+    assert main(["--config", str(cfg), "--source", "clip.avi", "--validate-config"]) == 0
+    assert "device cam-1, source clip.avi" in capsys.readouterr().out
+
+
+def test_missing_source_file_ends_with_an_error(tmp_path: Path, capsys) -> None:
+    rc = main(["--device-id", "cam-1", "--source", str(tmp_path / "none.avi"),
+               "--spool-dir", str(tmp_path / "spool"), "--mqtt-port", "1"])
+    assert rc == 1
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["frames_read"] == 0 and "does not exist" in summary["error"]
+
+
+def test_edge_daemon_imports_neither_torch_nor_boto3() -> None:
+    code = (
+        "import sys, edge.daemon, edge.capture, edge.publisher, edge.spool\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'boto3', 'botocore', 'cloud'))\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60)
+    assert out.stdout.strip() == ""
