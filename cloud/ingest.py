@@ -24,14 +24,13 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Protocol
 
 import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
-from pydantic import SecretStr
 
 from cloud import metrics
 from common.config import ConfigError, IngestConfig, S3Config, load_config
@@ -43,136 +42,27 @@ from common.messages import (
     MessageError,
 )
 from common.mqtt import MqttClient
+from common.storage import ObjectNotFoundError, ObjectStore, StorageError
 from common.topics import FRAMES, InvalidIdError, Topics, frame_key
 
 logger = logging.getLogger(__name__)
 
 JPEG_CONTENT_TYPE = "image/jpeg"
-_RAISE = object()
-
-
-class StorageError(RuntimeError):
-    """An S3 call that failed (endpoint down, refused, timed out); worth retrying."""
-
-
-class ObjectStore(Protocol):
-    """The object-store calls the cloud services make (tests pass a fake)."""
-
-    def put_if_absent(
-        self, key: str, body: bytes, metadata: Mapping[str, str], content_type: str
-    ) -> bool:
-        """Create ``key`` unless it exists (``If-None-Match: *``); True if created."""
-        ...
-
-    def head_metadata(self, key: str) -> dict[str, str] | None:
-        """The object's user metadata (lower-case names), None if there is no such key."""
-        ...
-
-    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        """The object's bytes and user metadata, None if there is no such key."""
-        ...
-
-    def exists(self, key: str) -> bool: ...
-
-    def list_keys(self, prefix: str) -> Iterator[str]: ...
-
-
-class S3Store:
-    """Minimal boto3 :class:`ObjectStore` (until common/storage.py provides one).
-
-    Every method raises :class:`StorageError` on a failed call; a missing key is None/False.
-    """
-
-    def __init__(self, config: S3Config) -> None:
-        import boto3
-        from botocore.config import Config
-
-        def secret(v: SecretStr | None) -> str | None:
-            return v.get_secret_value() if v is not None else None
-
-        self.bucket = config.bucket
-        self._client = boto3.client(
-            "s3",
-            endpoint_url=config.endpoint_url,
-            region_name=config.region,
-            aws_access_key_id=secret(config.access_key_id),
-            aws_secret_access_key=secret(config.secret_access_key),
-            config=Config(
-                s3={"addressing_style": "path" if config.path_style else "auto"},
-                connect_timeout=3,
-                read_timeout=10,
-                retries={"max_attempts": 2, "mode": "standard"},
-            ),
-        )
-
-    def _call(self, what: str, key: str, fn: Callable[[], Any], missing: Any = _RAISE) -> Any:
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            return fn()
-        except ClientError as err:
-            code = str(err.response.get("Error", {}).get("Code", ""))
-            if missing is not _RAISE and code in ("404", "NoSuchKey", "NotFound"):
-                return missing
-            if what == "put" and code in ("412", "PreconditionFailed"):
-                return False
-            raise StorageError(
-                f"S3 {what} of {key} in {self.bucket} failed: {code or err}"
-            ) from err
-        except BotoCoreError as err:
-            raise StorageError(f"S3 {what} of {key} in {self.bucket} failed: {err}") from err
-
-    def put_if_absent(
-        self, key: str, body: bytes, metadata: Mapping[str, str], content_type: str
-    ) -> bool:
-        put = self._client.put_object
-        return bool(
-            self._call(
-                "put",
-                key,
-                lambda: (
-                    put(
-                        Bucket=self.bucket,
-                        Key=key,
-                        Body=body,
-                        Metadata=dict(metadata),
-                        ContentType=content_type,
-                        IfNoneMatch="*",
-                    )
-                    is not None
-                ),
-            )
-        )
-
-    def head_metadata(self, key: str) -> dict[str, str] | None:
-        head = self._call(
-            "head", key, lambda: self._client.head_object(Bucket=self.bucket, Key=key), None
-        )
-        return None if head is None else dict(head.get("Metadata", {}))
-
-    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        def fetch() -> tuple[bytes, dict[str, str]]:
-            obj = self._client.get_object(Bucket=self.bucket, Key=key)
-            return obj["Body"].read(), dict(obj.get("Metadata", {}))
-
-        return self._call("get", key, fetch, None)
-
-    def exists(self, key: str) -> bool:
-        return self.head_metadata(key) is not None
-
-    def list_keys(self, prefix: str) -> Iterator[str]:
-        pages = self._client.get_paginator("list_objects_v2").paginate(
-            Bucket=self.bucket, Prefix=prefix
-        )
-        keys = self._call(
-            "list", prefix, lambda: [o["Key"] for p in pages for o in p.get("Contents", [])]
-        )
-        return iter(keys)
 
 
 def open_store(config: S3Config) -> ObjectStore:
-    """An :class:`ObjectStore` for ``config``'s bucket."""
-    return S3Store(config)
+    """The bucket of ``config``; calls fail fast (3 attempts, 3 s connect) so outages show.
+
+    Creates the bucket when ``config.create_bucket``; if S3 does not answer yet, says so and
+    goes on (every later call retries).
+    """
+    store = ObjectStore(config, connect_timeout_s=3.0, read_timeout_s=15.0, max_attempts=3)
+    if config.create_bucket:
+        try:
+            store.ensure_bucket()
+        except StorageError as err:
+            logger.warning("bucket %s not checked at start: %s", config.bucket, err)
+    return store
 
 
 def retry_delays(first_s: float = 0.5, max_s: float = 10.0) -> Iterator[float]:
@@ -563,9 +453,12 @@ class IngestService:
         for delay in retry_delays():
             try:
                 created = store.put_if_absent(
-                    frame.key, frame.payload, meta.to_s3_metadata(), JPEG_CONTENT_TYPE
+                    frame.key,
+                    frame.payload,
+                    metadata=meta.to_s3_metadata(),
+                    content_type=JPEG_CONTENT_TYPE,
                 )
-                existing = None if created else store.head_metadata(frame.key)
+                existing = None if created else self._head(frame.key)
             except StorageError as err:
                 self._s3_failed(frame, err)
                 if self._stop.wait(delay):
@@ -582,6 +475,16 @@ class IngestService:
                 return "stored"
             return self._compare_existing(frame, existing)
         raise AssertionError("retry_delays() never ends")  # pragma: no cover
+
+    def _head(self, key: str) -> dict[str, str]:
+        """Metadata of an object a put found; raises StorageError (retried) if it vanished."""
+        assert self._store is not None
+        try:
+            return self._store.head_metadata(key)
+        except ObjectNotFoundError as err:
+            raise StorageError(
+                "head_object", self._store.bucket, key, "gone after a refused put"
+            ) from err
 
     def _compare_existing(self, frame: ValidFrame, existing: dict[str, str] | None) -> str:
         meta = frame.metadata
@@ -670,7 +573,15 @@ def setup_logging(verbose: bool) -> None:
             logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def run_until_signal(service: IngestService | object, name: str) -> int:
+class Service(Protocol):
+    """Anything with start() and stop(): IngestService, CaptionWorker."""
+
+    def start(self) -> None: ...
+
+    def stop(self) -> None: ...
+
+
+def run_until_signal(service: Service, name: str) -> int:
     """Run ``service`` (has start/stop) until SIGINT or SIGTERM; returns the exit status."""
     import signal
 
@@ -678,12 +589,12 @@ def run_until_signal(service: IngestService | object, name: str) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
     try:
-        service.start()  # type: ignore[attr-defined]
+        service.start()
     except (StorageError, OSError) as err:
         print(f"framecap {name}: cannot start: {err}", file=sys.stderr)
         return 1
     done.wait()
-    service.stop()  # type: ignore[attr-defined]
+    service.stop()
     return 0
 
 

@@ -23,10 +23,10 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import cv2
 import numpy as np
@@ -34,8 +34,6 @@ import paho.mqtt.client as mqtt
 
 from cloud import metrics
 from cloud.ingest import (
-    ObjectStore,
-    StorageError,
     add_common_arguments,
     common_overrides,
     default_client_id,
@@ -48,11 +46,13 @@ from cloud.ingest import (
 from common.config import ConfigError, WorkerConfig, load_config
 from common.messages import CaptionRecord, FrameAck, FrameMetadata, MessageError
 from common.mqtt import MqttClient
+from common.storage import ObjectNotFoundError, ObjectStore, StorageError, StoredObject
 from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, Topics, parse_frame_key
 
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
+T = TypeVar("T")
 
 
 class CaptionerLike(Protocol):
@@ -74,7 +74,7 @@ def load_captioner(config: WorkerConfig) -> CaptionerLike:
     """
     from cloud.captioning.inference import Captioner
 
-    return Captioner.load(  # type: ignore[no-any-return]
+    return Captioner.load(
         config.model,
         device=config.device,
         beam_size=config.beam_size,
@@ -158,6 +158,14 @@ def captured_at_from(metadata: dict[str, str], frame: FrameKey) -> datetime | No
         )
         return None
     return meta.captured_at
+
+
+def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
+    """The object, or None if it is gone; raises StorageError on other failures."""
+    try:
+        return store.get_object(key)
+    except ObjectNotFoundError:
+        return None
 
 
 class CaptionWorker:
@@ -274,7 +282,7 @@ class CaptionWorker:
     def _on_ack(self, message: mqtt.MQTTMessage) -> None:
         """MQTT network thread: decode the FrameAck and queue its key; never blocks."""
         try:
-            ack = FrameAck.from_json(message.payload)
+            ack = FrameAck.from_json(bytes(message.payload))
         except MessageError as err:
             logger.warning("worker: ignoring a bad ack on %s: %s", message.topic[:200], err)
             return
@@ -391,14 +399,14 @@ class CaptionWorker:
         job.error = frame_date_error(frame)
         if job.error is not None:
             return job
-        found = self._s3(lambda s: s.get(key))
+        found = self._s3(lambda s: _get_or_none(s, key))
         if found is None:
             logger.warning(
                 "worker: frame %s of device %s: %s vanished", frame.frame_id, frame.device_id, key
             )
             return None
-        data, metadata = found
-        job.captured_at = captured_at_from(metadata, frame)
+        data = found.body
+        job.captured_at = captured_at_from(found.metadata, frame)
         if len(data) > self.config.max_frame_bytes:
             job.error = f"object is {len(data)} bytes, more than {self.config.max_frame_bytes}"
             return job
@@ -413,7 +421,8 @@ class CaptionWorker:
         assert self.captioner is not None
         started = time.monotonic()
         try:
-            results = self.captioner.caption_images([job.image for job in jobs])  # type: ignore[misc]
+            images = [job.image for job in jobs if job.image is not None]
+            results: list[tuple[str, float | None]] = list(self.captioner.caption_images(images))
             if len(results) != len(jobs):
                 raise RuntimeError(
                     f"captioner returned {len(results)} results for {len(jobs)} images"
@@ -460,7 +469,7 @@ class CaptionWorker:
         )
         body = record.to_json()
         created = self._s3(
-            lambda s: s.put_if_absent(frame.caption_key, body, {}, JSON_CONTENT_TYPE)
+            lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE)
         )
         result = "skipped" if not created else ("error" if error else "captioned")
         self._count({"skipped": "skipped", "error": "errors", "captioned": "captioned"}[result])
@@ -497,7 +506,7 @@ class CaptionWorker:
             raise RuntimeError("start() opens the store")
         return self._store
 
-    def _s3(self, call):  # type: ignore[no-untyped-def]
+    def _s3(self, call: Callable[[ObjectStore], T]) -> T:
         """``call(store)``, retried with backoff while S3 fails.
 
         Raises:

@@ -11,8 +11,8 @@ from datetime import datetime, timezone
 import cv2
 import numpy as np
 
-from cloud.ingest import StorageError
 from common.messages import FrameMetadata
+from common.storage import ObjectNotFoundError, StorageError, StoredObject
 
 CAPTURED_AT = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
 
@@ -50,6 +50,7 @@ class FakeStore:
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, dict[str, str], str]] = {}
+        self.bucket = "fake"
         self.fail_next = 0
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
@@ -59,31 +60,43 @@ class FakeStore:
             self.calls.append((op, key))
             if self.fail_next > 0:
                 self.fail_next -= 1
-                raise StorageError(f"fake outage on {op} {key}")
+                raise StorageError(op, "fake", key, "fake outage")
 
     def put_if_absent(
-        self, key: str, body: bytes, metadata: Mapping[str, str], content_type: str
+        self,
+        key: str,
+        body: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str = "application/octet-stream",
     ) -> bool:
         self._maybe_fail("put", key)
         with self._lock:
             if key in self.objects:
                 return False
-            self.objects[key] = (bytes(body), dict(metadata), content_type)
+            self.objects[key] = (bytes(body), dict(metadata or {}), content_type)
             return True
 
-    def head_metadata(self, key: str) -> dict[str, str] | None:
-        self._maybe_fail("head", key)
+    def _find(self, op: str, key: str) -> tuple[bytes, dict[str, str], str]:
+        self._maybe_fail(op, key)
         obj = self.objects.get(key)
-        return None if obj is None else dict(obj[1])
+        if obj is None:
+            raise ObjectNotFoundError(op, self.bucket, key, "NoSuchKey")
+        return obj
 
-    def get(self, key: str) -> tuple[bytes, dict[str, str]] | None:
-        self._maybe_fail("get", key)
-        obj = self.objects.get(key)
-        return None if obj is None else (obj[0], dict(obj[1]))
+    def head_metadata(self, key: str) -> dict[str, str]:
+        return dict(self._find("head", key)[1])
+
+    def get_object(self, key: str) -> StoredObject:
+        body, metadata, content_type = self._find("get", key)
+        return StoredObject(body, dict(metadata), content_type, None)
 
     def exists(self, key: str) -> bool:
-        self._maybe_fail("exists", key)
-        return key in self.objects
+        try:
+            self._find("exists", key)
+        except ObjectNotFoundError:
+            return False
+        return True
 
     def list_keys(self, prefix: str) -> Iterator[str]:
         self._maybe_fail("list", prefix)

@@ -86,7 +86,12 @@ def test_unsafe_ids_are_refused_with_ids_for_the_log() -> None:
             check("framecap/cam1/frames", payload, props)
         assert info.value.reason == "bad_metadata"
         assert info.value.device_id == "cam1"
-    for topic in ("framecap/+/frames", "framecap/a/b/frames", "framecap/cam1/acks", "other/cam1/frames"):
+    for topic in (
+        "framecap/+/frames",
+        "framecap/a/b/frames",
+        "framecap/cam1/acks",
+        "other/cam1/frames",
+    ):
         assert reason_of(topic, payload, metadata_for(payload).to_user_properties()) == "bad_topic"
 
 
@@ -116,7 +121,10 @@ def test_validation_raises_only_invalid_frame(topic: str, payload: bytes, props)
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.sampled_from(["fc-seq", "fc-width", "fc-captured-at", "fc-sha256", "fc-device-id"]), st.text(max_size=30))
+@given(
+    st.sampled_from(["fc-seq", "fc-width", "fc-captured-at", "fc-sha256", "fc-device-id"]),
+    st.text(max_size=30),
+)
 def test_fuzzed_metadata_fields_never_crash(name: str, value: str) -> None:
     payload = jpeg_bytes()
     props = _props_with(metadata_for(payload).to_user_properties(), name, value)

@@ -27,7 +27,9 @@ def make_worker(
     return worker, store, client
 
 
-def put_frame(store: FakeStore, key: str = FRAME, body: bytes | None = None, meta: bool = True) -> None:
+def put_frame(
+    store: FakeStore, key: str = FRAME, body: bytes | None = None, meta: bool = True
+) -> None:
     body = jpeg_bytes() if body is None else body
     metadata = metadata_for(body).to_s3_metadata() if meta else {}
     store.objects[key] = (body, metadata, "image/jpeg")
@@ -43,7 +45,12 @@ def test_a_frame_is_captioned_written_and_published() -> None:
     worker.process_batch([FRAME])
     rec = record(store)
     assert rec.caption == "a picture 64 wide" and rec.score == -1.5 and rec.error is None
-    assert (rec.device_id, rec.frame_id, rec.frame_key, rec.caption_key) == ("cam1", "f000001", FRAME, CAPTION)
+    assert (rec.device_id, rec.frame_id, rec.frame_key, rec.caption_key) == (
+        "cam1",
+        "f000001",
+        FRAME,
+        CAPTION,
+    )
     assert rec.captured_at == CAPTURED_AT and rec.model == "fake-captioner"
     [(_, topic, payload, qos)] = client.published()
     assert topic == "framecap/cam1/captions" and qos == 1 and payload == store.objects[CAPTION][0]
