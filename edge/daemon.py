@@ -2,7 +2,9 @@
 
 Threads: a capture thread runs source -> :class:`FrameSampler` -> :func:`encode_jpeg` ->
 :meth:`FrameSpool.put` and wakes the :class:`FramePublisher`, whose own thread does all the
-network work; so the capture loop never waits on the network. The thread that calls
+network work; so the capture loop never waits on the network. A live source never waits at
+all (a full spool drops its oldest frames); a video file, which can wait, pauses while the
+spool is full, so batch runs over long files lose nothing. The thread that calls
 :meth:`EdgeDaemon.run` waits for the end: a stop request (SIGINT/SIGTERM), or the end of a video
 file (or ``max_frames``) followed by every frame acked or ``drain_timeout_s`` passed (frames not
 acked stay in the spool for the next run).
@@ -27,6 +29,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any
 
 from common.config import ConfigError, EdgeConfig, load_config
@@ -153,13 +156,17 @@ class EdgeDaemon:
             self._summary.error = str(err)
             logger.error("%s: %s", self.device_id, err)
             return self.summary()
+        source = FrameSource(cfg.source, reopen_min_s=cfg.reopen_min_s, reopen_max_s=cfg.reopen_max_s,
+                             stop_event=self._capture_stop, label=cfg.device_id)
+        if not source.is_live and not Path(cfg.source).is_file():
+            self._summary.error = f"{cfg.device_id}: video file {cfg.source!r} does not exist"
+            logger.error("%s", self._summary.error)
+            return self.summary()
         self._publisher = FramePublisher(
             cfg.device_id, cfg.mqtt, self._spool,
             resend_after_s=cfg.spool.resend_after_s, captions_jsonl=cfg.captions_jsonl,
             on_caption=self.on_caption, print_captions=self.print_captions,
         )
-        source = FrameSource(cfg.source, reopen_min_s=cfg.reopen_min_s, reopen_max_s=cfg.reopen_max_s,
-                             stop_event=self._capture_stop, label=cfg.device_id)
         self._publisher.start()
         capture = threading.Thread(target=self._capture, args=(source,), name="capture", daemon=True)
         capture.start()
@@ -209,6 +216,8 @@ class EdgeDaemon:
                     logger.debug("%s: frame %d at %.3f s skipped (%s)", self.device_id,
                                  frame.index, frame.timestamp_s, decision.reason)
                     continue
+                if not source.is_live:
+                    self._wait_for_room()
                 if self._spool_frame(frame, decision):
                     self._summary.frames_sampled += 1
                 limit = self.config.max_frames
@@ -223,6 +232,17 @@ class EdgeDaemon:
             logger.exception("%s: capture failed", self.device_id)
         finally:
             self._capture_done.set()
+
+    def _wait_for_room(self) -> None:
+        """A file can wait: pause reading while the spool is full instead of dropping frames."""
+        assert self._spool is not None
+        # the largest entry (JPEG cap plus header), but never more than an empty spool holds
+        size = min(self.config.encoding.max_bytes + 4096, self._spool.max_bytes)
+        if self._spool.has_room(size):
+            return
+        logger.info("%s: spool full; pausing the video file until frames are acked", self.device_id)
+        while not self._spool.has_room(size) and not self._capture_stop.wait(0.05):
+            pass
 
     def _spool_frame(self, frame: CapturedFrame, decision: SampleDecision) -> bool:
         """Encode and spool one sampled frame; False (logged) if it could not be."""

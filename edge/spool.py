@@ -340,6 +340,11 @@ class FrameSpool:
         with self._lock:
             return list(itertools.islice(self._entries.values(), n))
 
+    def has_room(self, size: int = 0) -> bool:
+        """True if an entry of ``size`` bytes fits without dropping an older one."""
+        with self._lock:
+            return len(self._entries) < self.max_frames and self._bytes + size <= self.max_bytes
+
     def __contains__(self, frame_id: object) -> bool:
         with self._lock:
             return frame_id in self._entries

@@ -83,6 +83,13 @@ class Broker:
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
 
+    def kill(self) -> None:
+        """SIGKILL: the broker loses every message and session it held (persistence off)."""
+        assert self.proc is not None
+        self.proc.kill()
+        self.proc.wait()
+        self.proc = None
+
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()

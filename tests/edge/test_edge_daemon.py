@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -71,3 +73,26 @@ def test_edge_daemon_imports_neither_torch_nor_boto3() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == ""
+
+
+def test_sigterm_stops_a_live_source_cleanly(tmp_path: Path) -> None:
+    # an RTSP source that never opens: the daemon keeps reopening with backoff until SIGTERM
+    cmd = [sys.executable, "-m", "common.cli", "edge", "--device-id", "cam-1",
+           "--source", "rtsp://127.0.0.1:1/none", "--spool-dir", str(tmp_path / "spool"),
+           "--mqtt-port", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    lines: list[str] = []
+    assert proc.stderr is not None
+    while time.monotonic() < deadline:
+        line = proc.stderr.readline()
+        lines.append(line)
+        if "retrying in" in line or not line:
+            break
+    assert any("retrying in" in x for x in lines), "".join(lines)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=20)
+    assert proc.returncode == 0, err
+    summary = json.loads(out.strip().splitlines()[-1])
+    assert summary["device_id"] == "cam-1" and summary["stopped"] is True
+    assert "signal SIGTERM: stopping" in err
