@@ -1,0 +1,97 @@
+"""Fixtures of the cloud tests: the real local stack, device clients, captioners."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from cloud_fakes import FakeCaptioner
+
+from common.mqtt import MqttClient
+
+DEVICES = ("cam1", "dev9")
+IMAGES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "flickr8k" / "images"
+
+
+@pytest.fixture(scope="session")
+def cloud_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
+    """The session's LocalStack (tests/conftest.py ``local_stack`` when present, else one of
+    ours), with the device accounts these tests use."""
+    try:
+        stack = request.getfixturevalue("local_stack")
+    except pytest.FixtureLookupError:
+        from common.stack import LocalStack, StackError, find_mosquitto, find_weed
+
+        try:
+            find_mosquitto(), find_weed()
+        except StackError as err:
+            pytest.skip(f"local stack unavailable: {err}")
+        stack = LocalStack(tmp_path_factory.mktemp("cloud-stack")).up()
+        request.addfinalizer(lambda: stack.down(timeout_s=3.0))
+    for device in DEVICES:
+        stack.add_device(device)
+    return stack
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A topic prefix of this test's own, so tests never hear each other."""
+    return "t" + uuid.uuid4().hex[:10]
+
+
+class Device:
+    """An MQTT client logged in as one device; records what arrives on its subscriptions."""
+
+    def __init__(self, stack, device_id: str, prefix: str) -> None:
+        config = stack.mqtt_config(device_id, topic_prefix=prefix)
+        self.client = MqttClient(config, f"{device_id}-{uuid.uuid4().hex[:6]}", clean_start=True)
+        self.received: dict[str, list[bytes]] = {}
+        self._lock = threading.Lock()
+        self.client.start()
+        assert self.client.wait_connected(10), "device could not connect"
+
+    def listen(self, topic: str) -> None:
+        def handler(message) -> None:  # type: ignore[no-untyped-def]
+            with self._lock:
+                self.received.setdefault(message.topic, []).append(bytes(message.payload))
+
+        self.client.subscribe(topic, handler, 1)
+
+    def messages(self, topic: str) -> list[bytes]:
+        with self._lock:
+            return list(self.received.get(topic, []))
+
+
+@pytest.fixture
+def device(cloud_stack, prefix: str) -> Iterator[Callable[[str], Device]]:
+    """``device(device_id)`` -> a connected :class:`Device` under this test's prefix."""
+    made: list[Device] = []
+
+    def make(device_id: str) -> Device:
+        made.append(Device(cloud_stack, device_id, prefix))
+        return made[-1]
+
+    yield make
+    for d in made:
+        d.client.stop()
+
+
+def make_captioner():
+    """A tiny random Captioner when cloud.captioning offers one, else the fake captioner."""
+    try:
+        from cloud.captioning import inference
+    except ImportError:
+        return FakeCaptioner()
+    for name in ("tiny_random_captioner", "make_tiny_captioner", "tiny_captioner"):
+        build = getattr(inference, name, None) or getattr(inference.Captioner, name, None)
+        if build is not None:
+            return build()
+    return FakeCaptioner()
+
+
+@pytest.fixture(scope="session")
+def captioner():
+    return make_captioner()
