@@ -100,7 +100,7 @@ class EdgeSummary:
 
 
 class EdgeDaemon:
-    """One device's capture -> spool -> MQTT pipeline.
+    """One device's capture -> spool -> MQTT pipeline; :meth:`run` once per object.
 
     Args:
         config: the validated edge config.

@@ -77,8 +77,8 @@ class FakeIngest:
             return [m.frame_id for m in self.received]
 
     def close(self) -> None:
-        self.client.loop_stop()
         self.client.disconnect()
+        self.client.loop_stop()
 
 
 @pytest.fixture
@@ -110,8 +110,8 @@ def _retained_status(port: int) -> str:
     c.connect("127.0.0.1", port)
     c.loop_start()
     done.wait(5)
-    c.loop_stop()
     c.disconnect()
+    c.loop_stop()
     return got[0].decode() if got else ""
 
 
