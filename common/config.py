@@ -133,6 +133,12 @@ class EncodingConfig(Section):
     min_quality: int = Field(default=40, ge=5, le=100, description="Lowest quality before the frame is scaled down.")
     max_width: int = Field(default=1280, ge=32, description="Frames wider than this are scaled down first, pixels.")
 
+    @model_validator(mode="after")
+    def _qualities(self) -> EncodingConfig:
+        if self.min_quality > self.quality:
+            raise ValueError("min_quality must be <= quality")
+        return self
+
 
 class SpoolConfig(Section):
     """The edge's bounded on-disk spool of frames not yet acknowledged."""
@@ -157,6 +163,12 @@ class EdgeConfig(Section):
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Frame sampling.")
     encoding: EncodingConfig = Field(default_factory=EncodingConfig, description="JPEG encoding.")
     spool: SpoolConfig = Field(default_factory=SpoolConfig, description="Disk spool.")
+
+    @model_validator(mode="after")
+    def _reopen(self) -> EdgeConfig:
+        if self.reopen_max_s < self.reopen_min_s:
+            raise ValueError("reopen_max_s must be >= reopen_min_s")
+        return self
 
 
 

@@ -96,3 +96,13 @@ def test_sigterm_stops_a_live_source_cleanly(tmp_path: Path) -> None:
     summary = json.loads(out.strip().splitlines()[-1])
     assert summary["device_id"] == "cam-1" and summary["stopped"] is True
     assert "signal SIGTERM: stopping" in err
+
+
+def test_inconsistent_edge_settings_are_config_errors(tmp_path: Path, capsys) -> None:
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("device_id: cam-1\nreopen_min_s: 10\nreopen_max_s: 1\n")
+    assert main(["--config", str(cfg)]) == 2
+    cfg.write_text("device_id: cam-1\nencoding:\n  quality: 30\n  min_quality: 60\n")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "reopen_max_s must be >= reopen_min_s" in err and "min_quality must be <= quality" in err
