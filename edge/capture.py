@@ -39,6 +39,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+STREAM_TIMEOUT_MS = 10_000  # open and read timeout of network streams, milliseconds
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
@@ -91,7 +92,10 @@ def open_capture(source: str, kind: SourceKind) -> Capture:
     if kind is SourceKind.GSTREAMER:
         return cv2.VideoCapture(source, cv2.CAP_GSTREAMER)
     if kind is SourceKind.STREAM:
-        return cv2.VideoCapture(source, cv2.CAP_FFMPEG)
+        # bound a dead camera's open and read (OpenCV >= 4.5.2), so a stall becomes a reopen
+        params = [cv2.CAP_PROP_OPEN_TIMEOUT_MSEC, STREAM_TIMEOUT_MS,
+                  cv2.CAP_PROP_READ_TIMEOUT_MSEC, STREAM_TIMEOUT_MS]
+        return cv2.VideoCapture(source, cv2.CAP_FFMPEG, params)
     return cv2.VideoCapture(source)
 
 
