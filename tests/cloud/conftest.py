@@ -17,23 +17,12 @@ IMAGES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "flick
 
 
 @pytest.fixture(scope="session")
-def cloud_stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
-    """The session's LocalStack (tests/conftest.py ``local_stack`` when present, else one of
-    ours), with the device accounts these tests use."""
-    try:
-        stack = request.getfixturevalue("local_stack")
-    except pytest.FixtureLookupError:
-        from common.stack import LocalStack, StackError, find_mosquitto, find_weed
-
-        try:
-            find_mosquitto(), find_weed()
-        except StackError as err:
-            pytest.skip(f"local stack unavailable: {err}")
-        stack = LocalStack(tmp_path_factory.mktemp("cloud-stack")).up()
-        request.addfinalizer(lambda: stack.down(timeout_s=3.0))
+def cloud_stack(local_stack):
+    """The session's LocalStack (tests/conftest.py) with the device accounts these tests use;
+    tests share its default bucket and keep apart by topic prefix and unique frame ids."""
     for device in DEVICES:
-        stack.add_device(device)
-    return stack
+        local_stack.add_device(device)
+    return local_stack
 
 
 @pytest.fixture

@@ -237,3 +237,32 @@ def test_ingest_then_worker_over_mqtt_notification(cloud_stack, prefix, device, 
     assert worker.counters.get("notified", 0) >= 1
     stored = cloud_stack.storage().get(record.caption_key)
     assert stored == cam.messages(topics.captions("cam1"))[0]  # the same JSON in S3 and MQTT
+
+
+def test_s3_outage_holds_frames_unacked_until_s3_returns(cloud_stack, prefix, device):
+    """SeaweedFS killed: the frame is neither acked nor dropped; after the restart it is
+    stored once and acknowledged. Runs last here: it restarts the session's SeaweedFS."""
+    topics = Topics(prefix)
+    frame_id = "o-" + uuid.uuid4().hex[:8]
+    payload = real_jpeg(4)
+    cam = device("cam1")
+    cam.listen(topics.acks("cam1"))
+    service = start_ingest(cloud_stack, prefix)
+    try:
+        cloud_stack.kill_seaweedfs()
+        cam.client.publish(
+            topics.frames("cam1"),
+            payload,
+            qos=1,
+            user_properties=frame_props(payload, "cam1", frame_id),
+        )
+        wait_for(lambda: service.counters.get("s3_errors", 0) >= 2, 30, "failed puts")
+        assert service.counters.get("stored", 0) == 0 and not cam.messages(topics.acks("cam1"))
+        cloud_stack.start_seaweedfs()
+        wait_for(lambda: service.counters.get("stored", 0) == 1, 60, "the put after the outage")
+        wait_for(lambda: cam.messages(topics.acks("cam1")), 10, "the FrameAck")
+    finally:
+        service.stop()
+        if not cloud_stack.seaweedfs.running():
+            cloud_stack.start_seaweedfs()
+    assert cloud_stack.storage().get(frame_key("cam1", frame_id, NOW)) == payload
