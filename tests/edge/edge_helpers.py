@@ -21,7 +21,7 @@ MOSQUITTO = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
 def write_clip(path: Path, frames: list[np.ndarray], fps: float = 10.0) -> Path:
     """Write BGR frames (H, W, 3) uint8 as an MJPG .avi; returns ``path``."""
     h, w = frames[0].shape[:2]
-    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), fps, (w, h))
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter.fourcc(*"MJPG"), fps, (w, h))
     assert writer.isOpened(), "cv2.VideoWriter could not open an MJPG .avi"
     for frame in frames:
         writer.write(frame)
@@ -79,7 +79,8 @@ class Broker:
                 return
             except OSError:
                 if self.proc.poll() is not None:
-                    raise RuntimeError(f"mosquitto exited: {self.proc.stderr.read()!r}") from None
+                    err = self.proc.stderr.read() if self.proc.stderr else b""
+                    raise RuntimeError(f"mosquitto exited: {err!r}") from None
                 time.sleep(0.05)
         raise RuntimeError("mosquitto did not start listening")
 

@@ -51,7 +51,7 @@ class FakeIngest:
         try:
             props = getattr(msg.properties, "UserProperty", None)
             meta = FrameMetadata.from_user_properties(props)
-            meta.check_payload(msg.payload)
+            meta.check_payload(bytes(msg.payload))
             assert TOPICS.parse(msg.topic) == (meta.device_id, "frames")
             img = cv2.imdecode(np.frombuffer(msg.payload, np.uint8), cv2.IMREAD_COLOR)
             assert img is not None and img.shape[:2] == (meta.height, meta.width)
@@ -106,7 +106,12 @@ def _retained_status(port: int) -> str:
     done = threading.Event()
     c = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
     c.on_connect = lambda cl, *a: cl.subscribe(TOPICS.status("cam-1"), qos=1)
-    c.on_message = lambda cl, u, m: (got.append(m.payload), done.set())
+
+    def on_message(cl: mqtt.Client, userdata: Any, m: mqtt.MQTTMessage) -> None:
+        got.append(bytes(m.payload))
+        done.set()
+
+    c.on_message = on_message
     c.connect("127.0.0.1", port)
     c.loop_start()
     done.wait(5)

@@ -37,7 +37,8 @@ def test_scene_change_skips_a_static_scene_but_sends_every_max_static() -> None:
     assert sent == [0, 5, 10]
     other = np.full((60, 80, 3), 200, np.uint8)
     decision = sampler.offer(other, 12.0)
-    assert decision.send and decision.reason == "changed" and decision.difference > 0.3
+    assert decision.send and decision.reason == "changed"
+    assert decision.difference is not None and decision.difference > 0.3
 
 
 def test_thumbnail_difference_is_in_unit_range() -> None:
