@@ -17,7 +17,8 @@ writes them) and an ACL file. Accounts:
 
 ``P`` is the topic prefix; by default the ACL accepts any one-level prefix (``+``), so tests can
 give each test its own prefix; device isolation holds under every prefix. A denied publish is
-dropped silently by mosquitto; a denied subscription gets a failure reason code in its SUBACK.
+dropped silently by mosquitto; a subscription is granted (mosquitto 2.0) but the ACL is
+applied to every message delivered, so a device never receives another device's messages.
 
 SeaweedFS is one ``weed server -s3`` process with an identities file, so S3 keys are checked.
 Secrets are generated into ``STATE/secrets`` (mode 0700, files 0600) and never printed by

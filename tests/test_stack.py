@@ -1,0 +1,253 @@
+"""The local stack against the real servers: it answers, keys and passwords are checked, the ACL
+keeps devices apart, and ``framecap stack up|status|add-device|down`` do what they say."""
+
+from __future__ import annotations
+
+import glob
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import pytest
+from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import SecretStr
+
+from common.config import MqttConfig
+from common.stack import GRPC_OFFSET, LocalStack, main, mqtt_connack, pid_alive
+from common.storage import ObjectStore, StorageError
+
+
+class Client:
+    """A bare paho MQTT v5 client that records messages and SUBACK reason codes."""
+
+    def __init__(self, config: MqttConfig) -> None:
+        self.messages: list[tuple[str, bytes]] = []
+        self.subacks: list[list[ReasonCode]] = []
+        self.connack: ReasonCode | None = None
+        self._connected = threading.Event()
+        self._subacked = threading.Event()
+        self.client = mqtt.Client(
+            callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+            client_id=f"t-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5,
+        )
+        self.client.username_pw_set(config.username, config.password.get_secret_value() if config.password else None)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
+        self.client.on_subscribe = self._on_subscribe
+        self.client.connect(config.host, config.port)
+        self.client.loop_start()
+        assert self._connected.wait(5), "no CONNACK"
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # noqa: ANN001
+        self.connack = reason_code
+        self._connected.set()
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        self.subacks.append(list(reason_codes))
+        self._subacked.set()
+
+    def subscribe(self, topic: str) -> ReasonCode:
+        self._subacked.clear()
+        self.client.subscribe(topic, qos=1)
+        assert self._subacked.wait(5), "no SUBACK"
+        return self.subacks[-1][0]
+
+    def publish(self, topic: str, payload: bytes) -> None:
+        self.client.publish(topic, payload, qos=1).wait_for_publish(5)
+
+    def payloads(self, topic: str) -> list[bytes]:
+        return [p for t, p in self.messages if t == topic]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def test_stack_answers_and_keeps_secrets_out_of_stack_json(local_stack: LocalStack) -> None:
+    assert local_stack.running()
+    assert mqtt_connack(local_stack.host, local_stack.mqtt_port, "admin", local_stack.password("admin")) == 0
+    store = local_stack.storage()
+    store.put("probe/x", b"hello")
+    assert store.get("probe/x") == b"hello"
+    state = local_stack.state_file.read_text()
+    info = json.loads(state)
+    assert info["mosquitto"]["pid"] == local_stack.mosquitto.pid
+    assert info["ports"]["s3"] == local_stack.s3_port
+    for account in local_stack.accounts().values():
+        assert account["password"] not in state
+    for secret in local_stack.s3_credentials():
+        assert secret not in state
+    assert (local_stack.accounts_file.stat().st_mode & 0o077) == 0
+
+
+def test_wrong_s3_secret_is_refused(local_stack: LocalStack) -> None:
+    wrong = local_stack.s3_config().model_copy(update={"secret_access_key": SecretStr("not-the-secret")})
+    store = ObjectStore(wrong, max_attempts=1)
+    with pytest.raises(StorageError) as info:
+        store.put("probe/denied", b"x")
+    assert "not-the-secret" not in str(info.value)
+    assert info.value.bucket == local_stack.bucket and info.value.key == "probe/denied"
+    assert not local_stack.storage().exists("probe/denied")
+
+
+def test_anonymous_and_wrong_password_mqtt_are_refused(local_stack: LocalStack) -> None:
+    host, port = local_stack.host, local_stack.mqtt_port
+    assert mqtt_connack(host, port, None, None) != 0
+    assert mqtt_connack(host, port, "admin", "wrong") != 0
+    assert mqtt_connack(host, port, "nobody", "x") != 0
+
+
+def test_device_cannot_publish_as_another_device(stack_ns, wait_until) -> None:  # noqa: ANN001
+    a, b = stack_ns.device("cam-a"), stack_ns.device("cam-b")
+    t = stack_ns.topics
+    ingest = Client(stack_ns.mqtt_config("ingest"))
+    dev_a = Client(stack_ns.mqtt_config(a))
+    try:
+        assert ingest.subscribe(f"$share/{stack_ns.prefix}/{t.all_devices('frames')}").value == 1
+        assert ingest.subscribe(t.all_devices("status")).value == 1
+        # Forged first, genuine last: one client's QoS 1 messages arrive in order (MQTT 4.6).
+        dev_a.publish(t.frames(b), b"forged frame")
+        dev_a.publish(t.status(b), b"offline")
+        dev_a.publish(t.acks(a), b"self-ack")
+        dev_a.publish(t.frames(a), b"genuine frame")
+        assert wait_until(lambda: ingest.payloads(t.frames(a)) == [b"genuine frame"], 5)
+        time.sleep(0.2)
+        assert ingest.payloads(t.frames(b)) == []
+        assert ingest.payloads(t.status(b)) == []
+    finally:
+        ingest.close()
+        dev_a.close()
+
+
+def test_device_cannot_read_another_devices_captions(stack_ns, wait_until) -> None:  # noqa: ANN001
+    a, b = stack_ns.device("cam-a"), stack_ns.device("cam-b")
+    t = stack_ns.topics
+    worker = Client(stack_ns.mqtt_config("worker"))
+    dev_b = Client(stack_ns.mqtt_config(b))
+    try:
+        # mosquitto 2.0 grants the SUBSCRIBE and applies the ACL to each message delivered.
+        dev_b.subscribe(t.captions(a))
+        dev_b.subscribe(t.all_devices("captions"))
+        assert dev_b.subscribe(t.captions(b)).value == 1
+        worker.publish(t.captions(a), b"caption of a")
+        worker.publish(t.captions(b), b"caption of b")
+        assert wait_until(lambda: b"caption of b" in dev_b.payloads(t.captions(b)), 5)
+        time.sleep(0.2)
+        assert dev_b.payloads(t.captions(a)) == []
+    finally:
+        worker.close()
+        dev_b.close()
+
+
+def test_service_accounts_only_write_their_own_kind(stack_ns, wait_until) -> None:  # noqa: ANN001
+    dev = stack_ns.device("cam")
+    t = stack_ns.topics
+    admin = Client(stack_ns.mqtt_config("admin"))
+    worker = Client(stack_ns.mqtt_config("worker"))
+    ingest = Client(stack_ns.mqtt_config("ingest"))
+    try:
+        admin.subscribe(f"{stack_ns.prefix}/#")
+        worker.publish(t.frames(dev), b"worker frame")
+        ingest.publish(t.captions(dev), b"ingest caption")
+        ingest.publish(t.acks(dev), b"ack")
+        worker.publish(t.captions(dev), b"caption")
+        assert wait_until(lambda: len(admin.messages) >= 2, 5)
+        time.sleep(0.2)
+        assert sorted(p for _, p in admin.messages) == [b"ack", b"caption"]
+    finally:
+        for c in (admin, worker, ingest):
+            c.close()
+
+
+def test_add_device_cli_stores_password_and_reloads_broker(local_stack: LocalStack, capsys) -> None:  # noqa: ANN001
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    assert main(["add-device", name, "--state-dir", str(local_stack.state_dir)]) == 0
+    out = capsys.readouterr().out
+    password = local_stack.password(name)
+    assert password not in out and str(local_stack.accounts_file) in out
+    assert mqtt_connack(local_stack.host, local_stack.mqtt_port, name, password) == 0
+    assert main(["add-device", "../evil", "--state-dir", str(local_stack.state_dir)]) == 1
+
+
+def test_status_cli_reports_running_without_secrets(local_stack: LocalStack, capsys) -> None:  # noqa: ANN001
+    assert main(["status", "--json", "--state-dir", str(local_stack.state_dir)]) == 0
+    out = capsys.readouterr().out
+    status = json.loads(out)
+    assert status["mosquitto"]["running"] and status["seaweedfs"]["running"]
+    assert status["seaweedfs"]["endpoint_url"] == local_stack.s3_endpoint
+    assert local_stack.password("admin") not in out
+
+
+def test_mosquitto_restart_keeps_persistent_sessions(stack_ns, wait_until) -> None:  # noqa: ANN001
+    """SIGTERM saves the queue: a persistent subscriber gets what was published while the
+    broker restarted (the stack's persistence config, which the fault tests rely on)."""
+    dev = stack_ns.device("cam")
+    topic = stack_ns.topics.frames(dev)
+    config = stack_ns.mqtt_config("ingest")
+    client_id = stack_ns.client_id("ingest")
+
+    def subscriber() -> mqtt.Client:
+        client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2, client_id=client_id,
+                             protocol=mqtt.MQTTv5)
+        client.username_pw_set(config.username, config.password.get_secret_value())
+        props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+        props.SessionExpiryInterval = 300
+        client.on_message = lambda c, u, m: got.append(bytes(m.payload))
+        client.connect(config.host, config.port, clean_start=False, properties=props)
+        return client
+
+    got: list[bytes] = []
+    sub = subscriber()
+    sub.subscribe(topic, qos=1)
+    sub.loop_start()
+    time.sleep(0.3)
+    sub.disconnect()
+    sub.loop_stop()
+    pub = Client(stack_ns.mqtt_config(dev))
+    for i in range(20):
+        pub.publish(topic, b"%d" % i)
+    pub.close()
+    stack_ns.stack.restart_mosquitto()
+    sub = subscriber()
+    sub.loop_start()
+    try:
+        assert wait_until(lambda: len(got) >= 20, 10), f"got {len(got)} of 20 after restart"
+        assert got == [b"%d" % i for i in range(20)]
+    finally:
+        sub.disconnect()
+        sub.loop_stop()
+
+
+def test_seaweedfs_kill_and_restart_keeps_objects(stack_ns) -> None:  # noqa: ANN001
+    store = stack_ns.storage()
+    store.put("frames/x/2026/01/01/a.jpg", b"kept bytes", metadata={"k": "v"})
+    stack_ns.stack.restart_seaweedfs(kill=True)
+    assert store.get("frames/x/2026/01/01/a.jpg") == b"kept bytes"
+    assert store.head_metadata("frames/x/2026/01/01/a.jpg") == {"k": "v"}
+
+
+@pytest.mark.slow
+def test_cli_up_status_down_with_tls(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    state = tmp_path / "st"
+    assert main(["up", "--state-dir", str(state), "--tls", "--device", "cam1", "--timeout", "60"]) == 0
+    stack = LocalStack.load(state)
+    try:
+        out = capsys.readouterr().out
+        assert f"mqtt://127.0.0.1:{stack.mqtt_port}" in out and stack.s3_endpoint in out
+        for account in stack.accounts().values():
+            assert account["password"] not in out
+        assert main(["up", "--state-dir", str(state)]) == 0  # already running: says so
+        assert "already running" in capsys.readouterr().out
+        assert mqtt_connack(stack.host, stack.mqtt_tls_port, "cam1", stack.password("cam1"),
+                            ca_certs=stack.ca_file) == 0
+        assert main(["status", "--state-dir", str(state)]) == 0
+    finally:
+        assert main(["down", "--state-dir", str(state), "--timeout", "2"]) == 0
+    pids = (stack.mosquitto.pid, stack.seaweedfs.pid)
+    assert not any(pid_alive(p) for p in pids)
+    assert main(["status", "--state-dir", str(state)]) == 3
+    for port in (stack.s3_port, stack.ports["filer"]):
+        assert glob.glob(f"/tmp/seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock") == []
