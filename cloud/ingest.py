@@ -7,7 +7,8 @@ validates each frame, puts it under ``frames/{device_id}/{YYYY}/{MM}/{DD}/{frame
 ``If-None-Match: *`` (a redelivered frame never makes a second object nor replaces the bytes),
 THEN sends the MQTT PUBACK, then publishes a :class:`~common.messages.FrameAck` on
 ``{prefix}/{device_id}/acks`` at QoS 1. One thread keeps the PUBACKs in the order the
-PUBLISHes arrived (MQTT 5.0, 4.6).
+PUBLISHes arrived (MQTT 5.0, 4.6). The in-memory queue is bounded by the broker: it sends at
+most its in-flight limit of unacked QoS 1 messages (mosquitto ``max_inflight_messages``).
 
 While S3 is down a frame is retried with backoff, never acked and never dropped; the outage is
 logged once. An invalid frame is logged with device, frame and reason, counted, acked (so the
@@ -43,7 +44,7 @@ from common.messages import (
 )
 from common.mqtt import MqttClient
 from common.storage import ObjectNotFoundError, ObjectStore, StorageError
-from common.topics import FRAMES, InvalidIdError, Topics, frame_key
+from common.topics import FRAMES, InvalidIdError, Topics, frame_key, validate_id
 
 logger = logging.getLogger(__name__)
 
@@ -135,13 +136,22 @@ def jpeg_dimensions(data: bytes) -> tuple[int, int]:
     raise ValueError("JPEG ends before its start-of-frame marker")
 
 
+def _loggable(value: object, limit: int = 64) -> str | None:
+    """``value`` if it is a safe id, else its escaped repr cut to ``limit`` (no log injection)."""
+    if value is None:
+        return None
+    try:
+        return validate_id(value, "id")
+    except InvalidIdError:
+        return ascii(value)[:limit]
+
+
 def _metadata(props: Sequence[tuple[str, str]], device_id: str) -> FrameMetadata:
     names = {name for name, _ in props if name.startswith(USER_PROPERTY_PREFIX)}
     if not names:
         raise InvalidFrame("missing_metadata", "no fc-* user properties", device_id)
     schema = dict(props).get(USER_PROPERTY_PREFIX + "schema")
-    frame_id = dict(props).get(USER_PROPERTY_PREFIX + "frame-id")
-    frame_id = frame_id[:64] if isinstance(frame_id, str) else None
+    frame_id = _loggable(dict(props).get(USER_PROPERTY_PREFIX + "frame-id"))
     if schema is not None and schema != str(SCHEMA_VERSION):
         raise InvalidFrame(
             "schema_version", f"unknown schema version {schema[:16]!r}", device_id, frame_id
@@ -396,7 +406,7 @@ class IngestService:
 
     def _refuse(self, item: _Inbound, bad: InvalidFrame) -> None:
         logger.warning(
-            "ingest: refused frame %s of device %s (%d bytes on %s): %s: %s",
+            "ingest: refused frame %s of device %s (%d bytes on %r): %s: %s",
             bad.frame_id or "?",
             bad.device_id or "?",
             len(item.payload),

@@ -284,7 +284,7 @@ class CaptionWorker:
         try:
             ack = FrameAck.from_json(bytes(message.payload))
         except MessageError as err:
-            logger.warning("worker: ignoring a bad ack on %s: %s", message.topic[:200], err)
+            logger.warning("worker: ignoring a bad ack on %r: %s", message.topic[:200], err)
             return
         self._count("notified")
         self.request(ack.key)

@@ -175,3 +175,21 @@ def test_worker_runs_on_listings_alone() -> None:
         worker.stop()
     assert worker.counters["captioned"] == 2
     assert "captions/cam2/2026/01/31/late.json" in store.objects
+
+
+class _Message:
+    def __init__(self, payload: bytes, topic: str = "framecap/cam1/acks") -> None:
+        self.payload, self.topic = payload, topic
+
+
+def test_a_frame_ack_queues_its_key_and_garbage_is_ignored() -> None:
+    from common.messages import FrameAck
+
+    worker, _, _ = make_worker()
+    worker._on_ack(_Message(b"\x00\x01 not json"))
+    worker._on_ack(_Message(b'{"schema_version": 9}'))
+    ack = FrameAck(device_id="cam1", frame_id="f000001", key=FRAME)
+    worker._on_ack(_Message(ack.to_json()))
+    worker._on_ack(_Message(ack.to_json()))  # twice: queued once
+    assert worker.backlog == 1 and worker.counters["notified"] == 2
+    assert worker._next_batch() == [FRAME]
