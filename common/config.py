@@ -159,6 +159,9 @@ class EdgeConfig(Section):
     max_frames: int | None = Field(default=None, ge=1, description="Stop after sampling this many frames.")
     drain_timeout_s: float = Field(default=120.0, ge=0, description="On a file's end, wait this long for every ack, seconds.")
     captions_jsonl: Path | None = Field(default=None, description="Append each caption received to this JSONL file.")
+    wait_for_captions_s: float = Field(
+        default=0.0, ge=0, description="On a file's end, after every ack, wait this long for the captions of the frames sent, seconds (0: don't wait)."
+    )
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection.")
     sampling: SamplingConfig = Field(default_factory=SamplingConfig, description="Frame sampling.")
     encoding: EncodingConfig = Field(default_factory=EncodingConfig, description="JPEG encoding.")

@@ -200,10 +200,27 @@ class EdgeDaemon:
         if pending == 0:
             self._summary.drained = True
             logger.info("%s: every frame acked; spool empty", self.device_id)
+            self._wait_for_captions()
         elif not self._stop_requested.is_set():
             logger.warning("%s: drain timeout (%.0f s): %d frames not acked stay in the spool %s",
                            self.device_id, self.config.drain_timeout_s, pending,
                            self.config.spool.directory)
+
+    def _wait_for_captions(self) -> None:
+        """Wait up to wait_for_captions_s for one caption per frame sampled in this run."""
+        assert self._publisher is not None
+        wait_s = self.config.wait_for_captions_s
+        if wait_s <= 0:
+            return
+        deadline = time.monotonic() + wait_s
+        wanted = self._summary.frames_sampled
+        while (self._publisher.stats.captions_received < wanted
+               and not self._stop_requested.is_set() and time.monotonic() < deadline):
+            self._stop_requested.wait(0.1)
+        got = self._publisher.stats.captions_received
+        if got < wanted:
+            logger.warning("%s: %d of %d captions arrived within %.0f s",
+                           self.device_id, got, wanted, wait_s)
 
     # -- capture thread ------------------------------------------------------------------
     def _capture(self, source: FrameSource) -> None:
@@ -299,6 +316,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions-jsonl", metavar="FILE", help="append each caption received to FILE")
     p.add_argument("--drain-timeout", type=float, metavar="S",
                    help="after a video file ends, wait at most S seconds for every ack")
+    p.add_argument("--wait-for-captions", type=float, metavar="S",
+                   help="then wait at most S seconds for the captions of the frames sent")
     p.add_argument("--validate-config", action="store_true", help="check the config and exit")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -319,6 +338,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "max_frames": args.max_frames,
         "captions_jsonl": args.captions_jsonl,
         "drain_timeout_s": args.drain_timeout,
+        "wait_for_captions_s": args.wait_for_captions,
     }
 
 
