@@ -1,0 +1,291 @@
+"""``framecap train``: train a Show, Attend and Tell captioner (Xu et al. 2015).
+
+Teacher forcing; cross-entropy (optional label smoothing) plus doubly stochastic attention
+regularisation ``alpha_c * ((1 - sum_t alpha_t)**2)``; gradient clipping; Adam; learning-rate
+decay when the val BLEU-4 stalls (and optionally every N epochs); early stopping on the val
+BLEU-4 of real decoding (beam search without teacher forcing, not the tutorial's
+teacher-forced BLEU). A checkpoint every epoch (``last.pt``) and the best (``best.pt``), both
+loadable with ``torch.load(weights_only=True)``; ``--resume``. Several processes with
+``torchrun`` (DDP; gloo on CPU, nccl on GPU); ``torch.amp`` on GPU. Writes ``train.log``,
+``metrics.csv`` and ``metrics.png`` in the run folder. Layout after torchvision's
+``references/classification/train.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from cloud.captioning.checkpoint import read_checkpoint, save_checkpoint
+from cloud.captioning.data import BucketBatchSampler, CaptionDataset, collate_captions
+from cloud.captioning.models import DecoderWithAttention, Encoder, ModelArgs
+from cloud.captioning.train_utils import (
+    CaptionModel,
+    plot_metrics,
+    val_bleu4,
+    write_metrics_csv,
+)
+
+logger = logging.getLogger(__name__)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="framecap train", description="Train a Show, Attend and Tell captioner.")
+    p.add_argument("--data-dir", type=Path, required=True, help="output of 'framecap data prepare'")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, log, metrics")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this (0: no limit)")
+    p.add_argument("--batch-size", type=int, default=80, help="captions per process and step")
+    p.add_argument("--lr", type=float, default=4e-4, help="decoder learning rate (Adam)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4, help="when fine-tuning the encoder")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm")
+    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight")
+    p.add_argument("--label-smoothing", type=float, default=0.0)
+    p.add_argument("--lr-patience", type=int, default=2, help="epochs without val BLEU-4 gain before decay")
+    p.add_argument("--lr-decay", type=float, default=0.5, help="factor applied on a plateau")
+    p.add_argument("--lr-step-every", type=int, default=0, help="also decay every N epochs (0: off)")
+    p.add_argument("--lr-step-factor", type=float, default=0.8)
+    p.add_argument("--patience", type=int, default=6, help="early stop after N epochs without gain")
+    p.add_argument("--val-beam-size", type=int, default=1, help="beam for the val BLEU-4 (1: greedy)")
+    p.add_argument("--val-limit", type=int, default=None, help="decode only the first N val images")
+    p.add_argument("--group-by-image", action=argparse.BooleanOptionalAction, default=True,
+                   help="batch all captions of an image together (features projected once per image)")
+    p.add_argument("--max-caption-length", type=int, default=30)
+    p.add_argument("--limit-images", type=int, default=None, help="first N train images (for tests)")
+    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (for tests)")
+    p.add_argument("--no-val", action="store_true", help="skip val decoding (for tests)")
+    for name, default in (("encoder", "efficientnet_lite0"), ("encoded-image-size", 7),
+                          ("fine-tune-from", -1), ("encoder-proj-dim", 512), ("attention-dim", 512),
+                          ("embed-dim", 512), ("decoder-dim", 512), ("dropout", 0.5)):
+        p.add_argument(f"--{name}", type=type(default), default=default, help="model architecture")
+    p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
+    p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR/last.pt exists")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--workers", type=int, default=0, help="DataLoader workers when reading images")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    return p
+
+
+def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
+    """Init DDP when launched by torchrun (gloo on CPU, nccl on GPU); returns rank, world, device."""
+    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def all_reduce_sum(values: list[float], device: torch.device, world: int) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, scaler,
+                    args: argparse.Namespace, epoch: int, world: int, device: torch.device,
+                    rank: int) -> dict[str, float]:
+    """One pass over the train captions; returns mean token loss and top-5 accuracy."""
+    from tqdm import tqdm
+
+    model.train()
+    totals = [0.0, 0.0, 0.0]  # summed token loss, top-5 hits, tokens
+    bar = tqdm(batches, desc=f"epoch {epoch}", unit="batch", disable=rank != 0 or None, mininterval=5)
+    for step, (inputs, captions, lengths, *rest) in enumerate(bar):
+        if args.max_steps and step >= args.max_steps:
+            break
+        inputs, captions, lengths = inputs.to(device), captions.to(device), lengths.to(device)
+        image_index = rest[0].to(device) if rest else None
+        with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
+            scores, alphas, decode_lengths = model(inputs, captions, lengths, image_index)  # (b, T, V), (b, T, P), (b,)
+        scores = scores.float()
+        targets = captions[:, 1: scores.size(1) + 1]  # (b, T)
+        mask = torch.arange(scores.size(1), device=device)[None] < decode_lengths[:, None]  # (b, T)
+        n_tokens, n_captions = all_reduce_sum([float(mask.sum()), float(len(lengths))], device, world)
+        token_loss = F.cross_entropy(scores[mask], targets[mask], reduction="sum",
+                                     label_smoothing=args.label_smoothing)
+        att_reg = ((1.0 - alphas.float().sum(dim=1)) ** 2).mean(dim=1).sum()  # summed over captions
+        loss = world * (token_loss / n_tokens + args.alpha_c * att_reg / n_captions)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)
+        nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
+        scaler.step(optimizer)
+        scaler.update()
+        with torch.no_grad():
+            top5 = scores[mask].topk(5, dim=1).indices.eq(targets[mask][:, None]).any(dim=1).sum()
+            plain = F.cross_entropy(scores[mask], targets[mask], reduction="sum")
+        totals = [totals[0] + float(plain), totals[1] + float(top5), totals[2] + float(mask.sum())]
+        if rank == 0 and step % 50 == 0:
+            bar.set_postfix(loss=f"{totals[0] / max(totals[2], 1):.3f}", top5=f"{totals[1] / max(totals[2], 1):.3f}")
+    loss_sum, hits, tokens = all_reduce_sum(totals, device, world)
+    return {"loss": loss_sum / max(tokens, 1), "top5": hits / max(tokens, 1)}
+
+
+def feature_batches(dataset: CaptionDataset, sampler: BucketBatchSampler):
+    """Batches straight from the in-memory feature cache (faster than a DataLoader here)."""
+    for indices in sampler:
+        index = torch.tensor(indices)
+        lengths = dataset.lengths[index]  # (b,)
+        captions = dataset.captions[index][:, : int(lengths.max())]  # (b, L)
+        images, image_index = torch.div(index, dataset.cpi, rounding_mode="floor").unique(return_inverse=True)
+        yield dataset.features[images], captions, lengths, image_index  # features (n_images, P, E)
+
+
+def build_model(args: argparse.Namespace, vocab_size: int, use_features: bool) -> CaptionModel:
+    model_args = ModelArgs(vocab_size=vocab_size, encoder=args.encoder,
+                           encoded_image_size=args.encoded_image_size, fine_tune_from=args.fine_tune_from,
+                           encoder_proj_dim=args.encoder_proj_dim, attention_dim=args.attention_dim,
+                           embed_dim=args.embed_dim, decoder_dim=args.decoder_dim, dropout=args.dropout)
+    encoder = None if use_features else Encoder(args.encoder, args.encoded_image_size, args.fine_tune_from)
+    return CaptionModel(encoder, DecoderWithAttention(model_args))
+
+
+def make_optimizer(model: CaptionModel, args: argparse.Namespace) -> torch.optim.Optimizer:
+    groups = [{"params": list(model.decoder.parameters()), "lr": args.lr}]
+    if model.encoder is not None and args.fine_tune_from >= 0:
+        groups.append({"params": [p for p in model.encoder.parameters() if p.requires_grad], "lr": args.encoder_lr})
+    return torch.optim.Adam(groups, weight_decay=args.weight_decay)
+
+
+def setup_logging(run_dir: Path, rank: int) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(level=logging.INFO if rank == 0 else logging.WARNING, handlers=handlers,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+
+
+def main(argv: list[str]) -> int:
+    args = get_args_parser().parse_args(argv)
+    rank, world, device = setup_distributed(args.device)
+    setup_logging(args.run_dir, rank)
+    try:
+        fit(args, rank, world, device)
+    except (FileNotFoundError, ValueError) as err:
+        logger.error("framecap train: %s", err)
+        return 1
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+def load_resume(args: argparse.Namespace) -> dict | None:
+    path = args.resume or (None if args.no_resume else args.run_dir / "last.pt")
+    if path is None or (args.resume is None and not Path(path).is_file()):
+        return None
+    logger.info("resuming from %s", path)
+    return read_checkpoint(path)
+
+
+def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> None:
+    """The whole training run: data, model, epochs, val decoding, checkpoints, metrics."""
+    torch.manual_seed(args.seed)
+    use_features = args.fine_tune_from < 0 and (args.data_dir / "train_features.npy").is_file()
+    preprocess = None if use_features else Encoder(args.encoder, args.encoded_image_size, pretrained=False).preprocess
+    train_ds = CaptionDataset(args.data_dir, "train", use_features, preprocess, args.limit_images)
+    val_ds = None if args.no_val else CaptionDataset(args.data_dir, "val", use_features, preprocess, args.val_limit)
+    word_map = train_ds.word_map
+    model = build_model(args, len(word_map), use_features).to(device)
+    optimizer = make_optimizer(model, args)
+    state = {"epoch": 0, "best_bleu4": -1.0, "since_best": 0, "metrics": []}
+    ckpt = load_resume(args)
+    if ckpt is not None:
+        model.decoder.load_state_dict(ckpt["decoder"])
+        if ckpt.get("encoder") and model.encoder is not None:
+            model.encoder.backbone.load_state_dict(ckpt["encoder"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        state = {k: ckpt[k] for k in state}
+    torch.manual_seed(args.seed + 1000 * rank + state["epoch"])  # dropout differs per rank and epoch
+    ddp_model: nn.Module = model
+    if world > 1:
+        ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    sampler = BucketBatchSampler(train_ds.lengths, args.batch_size, world, rank, args.seed,
+                                 captions_per_image=train_ds.cpi if args.group_by_image else 1)
+    loader = None
+    if not use_features:
+        loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_captions,
+                                             num_workers=args.workers)
+    logger.info("train: %d captions, %d steps/epoch x %d processes; vocab %d; device %s; features cached: %s",
+                len(train_ds), len(sampler), world, len(word_map), device, use_features)
+    started = time.time()
+    for epoch in range(state["epoch"], args.epochs):
+        t0 = time.time()
+        sampler.set_epoch(epoch)
+        batches = loader if loader is not None else feature_batches(train_ds, sampler)
+        stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank)
+        bleu, samples = -1.0, []
+        if rank == 0 and val_ds is not None:
+            bleu, samples = val_bleu4(model, val_ds, args.val_beam_size, args.max_caption_length, device)
+        bleu = all_reduce_sum([bleu if rank == 0 else 0.0], device, world)[0]
+        improved = bleu > state["best_bleu4"]
+        state["since_best"] = 0 if improved else state["since_best"] + 1
+        state["best_bleu4"] = max(bleu, state["best_bleu4"])
+        lr = optimizer.param_groups[0]["lr"]
+        row = {"epoch": epoch + 1, "loss": round(stats["loss"], 4), "top5": round(stats["top5"], 4),
+               "val_bleu4": round(bleu, 4), "lr": lr, "epoch_s": round(time.time() - t0, 1)}
+        state["metrics"].append(row)
+        state["epoch"] = epoch + 1
+        logger.info("epoch %d: loss %.4f top-5 %.4f val BLEU-4 %.4f lr %.2e time %.0fs%s", epoch + 1,
+                    stats["loss"], stats["top5"], bleu, lr, row["epoch_s"], " (best)" if improved else "")
+        decay_lr(optimizer, args, state, epoch + 1)
+        if rank == 0:
+            save_run(args, model, optimizer, state, word_map, improved, samples)
+        if state["since_best"] >= args.patience:
+            logger.info("early stop: val BLEU-4 has not improved for %d epochs", args.patience)
+            break
+        if args.max_minutes and time.time() - started > args.max_minutes * 60:
+            logger.info("stopping: time budget of %.0f minutes used", args.max_minutes)
+            break
+
+
+def decay_lr(optimizer: torch.optim.Optimizer, args: argparse.Namespace, state: dict, epochs_done: int) -> None:
+    factor = 1.0
+    if state["since_best"] > 0 and state["since_best"] % args.lr_patience == 0:
+        factor *= args.lr_decay
+    if args.lr_step_every and epochs_done % args.lr_step_every == 0:
+        factor *= args.lr_step_factor
+    if factor != 1.0:
+        for group in optimizer.param_groups:
+            group["lr"] *= factor
+        logger.info("learning rate x%.2f -> %.2e", factor, optimizer.param_groups[0]["lr"])
+
+
+def save_run(args: argparse.Namespace, model: CaptionModel, optimizer: torch.optim.Optimizer,
+             state: dict, word_map, improved: bool, samples: list[str]) -> None:
+    """last.pt every epoch, best.pt when val BLEU-4 improved, metrics.csv and metrics.png."""
+    payload = {
+        "decoder": model.decoder.state_dict(),
+        "model_args": model.decoder.args.to_dict(),
+        "word_map": word_map.to_dict(),
+        "optimizer": optimizer.state_dict(),
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **state,
+    }
+    if model.encoder is not None and args.fine_tune_from >= 0:
+        payload["encoder"] = model.encoder.backbone.state_dict()
+    save_checkpoint(args.run_dir / "last.pt", payload)
+    if improved:
+        save_checkpoint(args.run_dir / "best.pt", payload)
+    write_metrics_csv(args.run_dir / "metrics.csv", state["metrics"])
+    plot_metrics(args.run_dir / "metrics.png", state["metrics"])
+    for i, caption in enumerate(samples[:3]):
+        logger.info("  val sample %d: %s", i, caption)
