@@ -1,0 +1,176 @@
+"""``framecap demo``: the whole pipeline on one video with the local stack, in one process.
+
+It starts mosquitto and SeaweedFS (:class:`common.stack.LocalStack`, with passwords and ACLs),
+the ingest (:class:`cloud.ingest.IngestService`), the caption worker
+(:class:`cloud.worker.CaptionWorker`, the committed default model unless ``--model``) and the
+edge daemon (:class:`edge.daemon.EdgeDaemon`) on the video; prints each caption as it comes
+back to the edge; ends with one JSON line::
+
+    {"frames_sampled": N, "frames_stored": N, "captions": N, "bucket": "framecap", "elapsed_s": T}
+
+and stops everything it started (``--keep-stack`` leaves the servers up for a look with
+``framecap stack status --state-dir STATE/stack``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from common.config import (
+    EdgeConfig,
+    IngestConfig,
+    SamplingConfig,
+    SpoolConfig,
+    WorkerConfig,
+)
+from common.messages import CaptionRecord
+from common.topics import CAPTIONS_PREFIX, FRAMES_PREFIX, validate_id
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_VIDEO = REPO_ROOT.parent / "shared" / "videos" / "vtest.avi"
+DEFAULT_STATE_DIR = Path(".state/demo")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="framecap demo",
+        description="Run the whole pipeline (edge -> MQTT -> ingest -> S3 -> caption worker -> "
+        "captions back to the edge) on a video, with a local mosquitto and SeaweedFS.",
+        epilog="Examples: framecap demo; framecap demo --source cup.mp4 --max-frames 10; "
+        "framecap demo --source 0 (camera index; stop with Ctrl-C); framecap demo --source "
+        "rtsp://host/stream",
+    )
+    p.add_argument("--source", default=None,
+                   help=f"video file, camera index, RTSP URL or GStreamer pipeline "
+                   f"(default: {DEFAULT_VIDEO} when present)")
+    p.add_argument("--max-frames", type=int, default=12, metavar="N",
+                   help="stop after sampling N frames (default 12; 0 = the whole source)")
+    p.add_argument("--interval", type=float, default=2.0, metavar="S",
+                   help="send at most one frame per S seconds of video (default 2)")
+    p.add_argument("--no-scene-change", action="store_true",
+                   help="sample by interval only (default: also skip unchanged scenes)")
+    p.add_argument("--device-id", default="demo-cam", help="the edge device's id (default demo-cam)")
+    p.add_argument("--model", type=Path, default=None, help="caption model checkpoint (default: the committed model)")
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (default 3)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help=f"where the stack, spool and captions.jsonl go (default {DEFAULT_STATE_DIR})")
+    p.add_argument("--timeout", type=float, default=300.0, metavar="S",
+                   help="give up waiting for acks, then captions, after S seconds each (default 300)")
+    p.add_argument("--keep-stack", action="store_true", help="leave mosquitto and SeaweedFS running")
+    p.add_argument("-v", "--verbose", action="store_true", help="show the services' INFO logs")
+    return p
+
+
+def _print_caption(record: CaptionRecord) -> None:
+    when = record.captured_at.strftime("%H:%M:%S.%f")[:-3] if record.captured_at else "?"
+    text = record.caption if record.error is None else f"(no caption: {record.error})"
+    print(f"[{when} UTC] {record.frame_id}: {text}", flush=True)
+
+
+def _count(store: object, prefix: str) -> int:
+    return sum(1 for _ in store.list_keys(prefix))  # type: ignore[attr-defined]
+
+
+def run_demo(args: argparse.Namespace) -> dict[str, object]:
+    """Start everything, run the edge over the source, stop everything; returns the summary.
+
+    Raises:
+        common.stack.StackError: mosquitto or SeaweedFS could not start.
+        FileNotFoundError: the source video or the model does not exist.
+    """
+    from cloud.ingest import IngestService
+    from cloud.worker import CaptionWorker
+    from common.stack import LocalStack
+    from edge.daemon import EdgeDaemon
+
+    source = args.source or str(DEFAULT_VIDEO)
+    if args.source is None and not DEFAULT_VIDEO.is_file():
+        raise FileNotFoundError(f"no --source given and the default video {DEFAULT_VIDEO} is missing")
+    device_id = validate_id(args.device_id, "device_id")
+    state = args.state_dir.resolve()
+    shutil.rmtree(state / "spool", ignore_errors=True)  # a demo starts from an empty spool
+    started = time.monotonic()
+    stack = LocalStack(state / "stack", devices=[device_id])
+    print(f"starting mosquitto and SeaweedFS under {stack.state_dir} ...", flush=True)
+    stack.up()
+    print(f"MQTT mqtt://{stack.host}:{stack.mqtt_port}  S3 {stack.s3_endpoint}  "
+          f"bucket {stack.bucket}", flush=True)
+    services: list[object] = []
+    try:
+        ingest = IngestService(IngestConfig(mqtt=stack.mqtt_config("ingest"), s3=stack.s3_config()))
+        ingest.start()
+        services.append(ingest)
+        worker = CaptionWorker(WorkerConfig(
+            mqtt=stack.mqtt_config("worker"), s3=stack.s3_config(), model=args.model,
+            beam_size=args.beam_size, batch_size=8, max_wait_s=0.5, list_interval_s=10.0))
+        print("loading the caption model ...", flush=True)
+        worker.start()
+        services.append(worker)
+        edge_config = EdgeConfig(
+            device_id=device_id, source=source, max_frames=args.max_frames or None,
+            mqtt=stack.mqtt_config(device_id),
+            sampling=SamplingConfig(interval_s=args.interval, scene_change=not args.no_scene_change),
+            spool=SpoolConfig(directory=state / "spool"),
+            captions_jsonl=state / "captions.jsonl",
+            drain_timeout_s=args.timeout, wait_for_captions_s=args.timeout,
+        )
+        edge = EdgeDaemon(edge_config, on_caption=_print_caption, print_captions=False)
+        print(f"edge {device_id}: capturing {source}", flush=True)
+        summary = _run_edge(edge)
+        store = stack.storage()
+        return {
+            "frames_sampled": summary.frames_sampled,
+            "frames_stored": _count(store, f"{FRAMES_PREFIX}{device_id}/"),
+            "captions": _count(store, f"{CAPTIONS_PREFIX}{device_id}/"),
+            "bucket": stack.bucket,
+            "elapsed_s": round(time.monotonic() - started, 1),
+        }
+    finally:
+        for service in reversed(services):
+            service.stop()  # type: ignore[attr-defined]
+        if args.keep_stack:
+            print(f"stack left running: framecap stack down --state-dir {stack.state_dir}")
+        else:
+            stack.down()
+
+
+def _run_edge(edge: object) -> object:
+    """Run the edge on this thread; Ctrl-C asks it to stop cleanly."""
+    result: list[object] = []
+    thread = threading.Thread(target=lambda: result.append(edge.run()), name="edge")  # type: ignore[attr-defined]
+    thread.start()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        print("stopping ...", flush=True)
+        edge.request_stop()  # type: ignore[attr-defined]
+        thread.join()
+    return result[0]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``framecap demo``; 0 when every sampled frame was stored and captioned."""
+    args = get_args_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        result = run_demo(args)
+    except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:
+        print(f"framecap demo: {err}", file=sys.stderr)
+        return 1
+    print(json.dumps(result), flush=True)
+    ok = result["frames_sampled"] == result["frames_stored"] == result["captions"]
+    return 0 if ok and result["frames_sampled"] else 1
