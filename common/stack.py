@@ -278,7 +278,7 @@ class _Service:
             return 0.0
         self.signal(sig)
         if not self.wait_gone(timeout_s):
-            logger.warning("%s (pid %s) still running %.0f s after signal %d: SIGKILL",
+            logger.info("%s (pid %s) still running %.0f s after signal %d: SIGKILL",
                            self.name, self.pid, timeout_s, sig)
             self.signal(signal.SIGKILL)
             self.wait_gone(10.0)
@@ -674,7 +674,7 @@ class LocalStack:
             "-s3.port.iceberg=0", "-s3.port.lance=0",
             f"-s3.config={self.secrets_dir / 's3-identities.json'}",
             "-master.telemetry=false", "-master.electionTimeout=1s", "-master.volumeSizeLimitMB=1024",
-            "-volume.max=100", "-volume.preStopSeconds=0",
+            "-volume.max=1000", "-volume.preStopSeconds=0",
             f"-filer.localSocket={d / 'filer.sock'}", f"-s3.localSocket={d / 's3.sock'}",
         ]
         return args
@@ -691,6 +691,10 @@ class LocalStack:
             (self.weed_dir / sub).mkdir(parents=True, exist_ok=True)
         if len(str(self.weed_dir / "filer.sock")) > 100:
             raise StackError(f"state directory path too long for unix sockets: {self.weed_dir}")
+        # weed reads master.toml from its working directory: grow 2 volumes at a time, not 7,
+        # so the first write into a new bucket (a new collection) waits for less allocation.
+        (self.weed_dir / "master.toml").write_text(
+            "[master.volume_growth]\ncopy_1 = 2\ncopy_2 = 2\ncopy_3 = 1\ncopy_other = 1\n")
         env = dict(os.environ, TMPDIR=str(self.weed_dir / "tmp"))
         t0 = time.monotonic()
         with open(self.seaweedfs.log, "ab") as log:
