@@ -21,10 +21,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    model_validator,
+)
 
 from common.topics import InvalidIdError, validate_id, validate_prefix
-
 
 SafeId = Annotated[str, AfterValidator(lambda v: validate_id(v, "id"))]
 
@@ -209,12 +216,27 @@ class WorkerConfig(Section):
 C = TypeVar("C", bound=Section)
 
 
+SECRET_KEYS = frozenset({"password", "access_key_id", "secret_access_key"})
+
+
+def redact(value: Any, key: str | None = None) -> Any:
+    """``value`` with every secret field (:data:`SECRET_KEYS`) replaced by ``'***'``."""
+    if key in SECRET_KEYS and value is not None:
+        return "***"
+    if isinstance(value, dict):
+        return {k: redact(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
+
+
 def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
-    """One line per problem: ``source: key.path = value: why``."""
+    """One line per problem: ``source: key.path = value: why`` (secret values shown as ***)."""
     lines = []
     for e in err.errors():
         loc = ".".join(str(x) for x in e["loc"])
-        value = e.get("input", "")
+        leaf = str(e["loc"][-1]) if e["loc"] else None
+        value = redact(e.get("input", ""), leaf)
         if e["type"] == "missing":
             lines.append(f"{source}: {loc}: required key is missing")
         elif e["type"] == "extra_forbidden":
@@ -266,5 +288,7 @@ def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any]
         *parents, leaf = dotted.split(".")
         for part in parents:
             node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"{source}: {part} must be a mapping of keys to set {dotted}")
         node[leaf] = value
     return parse_config(cls, data, source)

@@ -44,7 +44,10 @@ def _frame_id(v: str) -> str:
 def _utc(v: datetime) -> datetime:
     if v.tzinfo is None:
         raise ValueError("must be timezone-aware (UTC), e.g. 2026-01-31T12:00:00Z")
-    return v.astimezone(timezone.utc)
+    try:
+        return v.astimezone(timezone.utc)
+    except OverflowError as err:  # e.g. 0001-01-01T00:00:00+01:00: pydantic would not wrap it
+        raise ValueError(f"out of range in UTC: {v.isoformat()}") from err
 
 
 DeviceId = Annotated[str, AfterValidator(_device_id)]
@@ -101,7 +104,8 @@ class FrameMetadata(_Message):
             "schema": str(self.schema_version),
             "device-id": self.device_id,
             "frame-id": self.frame_id,
-            "captured-at": self.captured_at.strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+            # isoformat pads the year to 4 digits; strftime("%Y") does not below year 1000.
+            "captured-at": self.captured_at.isoformat(timespec="microseconds").replace("+00:00", "Z"),
             "seq": str(self.seq),
             "width": str(self.width),
             "height": str(self.height),
@@ -192,8 +196,8 @@ class _JsonMessage(_Message):
         """
         try:
             data = json.loads(payload)
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise MessageError(f"{cls.__name__} payload is not JSON: {err}") from err
+        except (ValueError, RecursionError) as err:  # JSONDecodeError, UnicodeDecodeError, int digits
+            raise MessageError(f"{cls.__name__} payload is not JSON: {str(err)[:200]}") from err
         if not isinstance(data, dict):
             raise MessageError(f"{cls.__name__} payload is not a JSON object")
         version = data.get("schema_version")

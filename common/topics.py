@@ -32,11 +32,12 @@ FRAMES_PREFIX = "frames/"
 CAPTIONS_PREFIX = "captions/"
 
 MAX_ID_LENGTH = 128
-_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*$")
+# \Z, not $: "$" also matches before a trailing newline, which would let "cam1\n" through.
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*\Z")
+_PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)*\Z")
 _FRAME_KEY_RE = re.compile(
     r"^frames/(?P<device_id>[^/]+)/(?P<year>\d{4})/(?P<month>\d{2})/(?P<day>\d{2})/"
-    r"(?P<frame_id>[^/]+)\.jpg$"
+    r"(?P<frame_id>[^/]+)\.jpg\Z"
 )
 
 
@@ -78,7 +79,7 @@ def validate_prefix(prefix: str) -> str:
     Raises:
         InvalidIdError: if a level is empty, holds a wildcard or ``..``, or starts with ``$``.
     """
-    if not _PREFIX_RE.match(prefix) or ".." in prefix:
+    if not isinstance(prefix, str) or not _PREFIX_RE.match(prefix) or ".." in prefix:
         raise InvalidIdError(
             f"topic prefix {prefix!r} must be levels of letters, digits, '.', '_' and '-' "
             "joined by '/', without wildcards, '$' or '..'"

@@ -1,0 +1,135 @@
+"""Unit tests of common/config.py: typed sections, clear errors (key, value, why), secrets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from common.config import (
+    ConfigError,
+    EdgeConfig,
+    IngestConfig,
+    MqttConfig,
+    S3Config,
+    WorkerConfig,
+    load_config,
+    parse_config,
+)
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_minimal_edge_config_gets_defaults(tmp_path: Path) -> None:
+    config = load_config(EdgeConfig, _write(tmp_path, "device_id: cam1\n"))
+    assert config.device_id == "cam1"
+    assert config.mqtt.port == 1883 and config.mqtt.topic_prefix == "framecap"
+    assert config.encoding.max_bytes == 128 * 1024
+    assert load_config(IngestConfig, None).share_group == "ingest"
+    assert load_config(WorkerConfig, None).s3.bucket == "framecap"
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("device_id: cam1\nmqtt:\n  prot: 1883\n", ["mqtt.prot", "1883", "unknown key"]),
+    ("device_id: cam1\nmqtt:\n  port: 70000\n", ["mqtt.port", "70000", "less than or equal to 65535"]),
+    ("device_id: ../cam\n", ["device_id", "'../cam'", "'..'"]),
+    ("device_id: 'cam/1'\n", ["device_id", "cam/1", "'/'"]),
+    ("device_id: cam1\nsampling:\n  interval_s: -1\n", ["sampling.interval_s", "-1", "greater than 0"]),
+    ("device_id: cam1\nmqtt:\n  topic_prefix: 'a/#'\n", ["mqtt", "topic prefix", "wildcards"]),
+    ("mqtt: {}\n", ["device_id", "required key is missing"]),
+    ("device_id: cam1\nmqtt:\n  reconnect_min_s: 5\n  reconnect_max_s: 1\n", ["mqtt", "reconnect_max_s"]),
+    ("device_id: cam1\nmqtt:\n  tls:\n    certfile: c.pem\n", ["mqtt.tls", "together"]),
+])
+def test_bad_edge_configs_name_key_value_and_why(tmp_path: Path, text: str, expected: list[str]) -> None:
+    path = _write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(EdgeConfig, path)
+    message = str(info.value)
+    assert message.startswith(str(path))
+    for part in expected:
+        assert part in message, (part, message)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("s3:\n  bucket: ab\n", ["s3.bucket", "'ab'", "at least 3"]),
+    ("share_group: 'a+b'\n", ["share_group", "'+'"]),
+    ("max_payload_bytes: lots\n", ["max_payload_bytes", "'lots'", "valid integer"]),
+])
+def test_bad_ingest_configs_name_key_value_and_why(tmp_path: Path, text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(IngestConfig, _write(tmp_path, text))
+    for part in expected:
+        assert part in str(info.value)
+
+
+def test_worker_device_must_be_known(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="device = 'tpu'"):
+        load_config(WorkerConfig, _write(tmp_path, "device: tpu\n"))
+
+
+@pytest.mark.parametrize(("text", "reason"), [
+    ("device_id: [unclosed\n", "not valid YAML"),
+    ("- a\n- b\n", "top level must be a mapping"),
+])
+def test_unreadable_files_are_config_errors(tmp_path: Path, text: str, reason: str) -> None:
+    with pytest.raises(ConfigError, match=reason):
+        load_config(EdgeConfig, _write(tmp_path, text))
+
+
+def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(EdgeConfig, tmp_path / "absent.yaml")
+
+
+def test_overrides_are_dotted_keys_and_none_is_ignored(tmp_path: Path) -> None:
+    path = _write(tmp_path, "device_id: cam1\nmqtt:\n  port: 1883\n")
+    config = load_config(EdgeConfig, path, {"mqtt.port": 2000, "sampling.interval_s": 0.5, "source": None})
+    assert config.mqtt.port == 2000 and config.sampling.interval_s == 0.5 and config.source == "0"
+    with pytest.raises(ConfigError, match="mqtt must be a mapping"):
+        load_config(EdgeConfig, _write(tmp_path, "device_id: cam1\nmqtt: 5\n"), {"mqtt.port": 1})
+
+
+def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMECAP_MQTT_PASSWORD", "env-password")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "aws-key")
+    monkeypatch.setenv("FRAMECAP_S3_SECRET_ACCESS_KEY", "fc-secret")
+    monkeypatch.delenv("FRAMECAP_S3_ACCESS_KEY_ID", raising=False)
+    config = parse_config(IngestConfig, {"mqtt": {"username": "ingest"}})
+    assert config.mqtt.password is not None and config.mqtt.password.get_secret_value() == "env-password"
+    assert config.s3.access_key_id is not None and config.s3.access_key_id.get_secret_value() == "aws-key"
+    assert config.s3.secret_access_key is not None
+    assert config.s3.secret_access_key.get_secret_value() == "fc-secret"
+    shown = f"{config!r} {config} {config.model_dump()}"
+    for secret in ("env-password", "aws-key", "fc-secret"):
+        assert secret not in shown
+    with pytest.raises(ConfigError, match="no username"):
+        parse_config(IngestConfig, {})  # a password from the environment needs a user name
+
+
+def test_file_secret_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FRAMECAP_MQTT_PASSWORD", "env-password")
+    config = MqttConfig(username="u", password="file-password")  # type: ignore[arg-type]
+    assert config.password is not None and config.password.get_secret_value() == "file-password"
+
+
+@pytest.mark.parametrize("data", [
+    {"mqtt": {"password": "hunter2-secret"}},
+    {"mqtt": {"username": "u", "password": ["hunter2-secret"]}},
+    {"s3": {"secret_access_key": {"x": "hunter2-secret"}}},
+    {"s3": {"access_key_id": 12345, "bucket": "x", "secret_access_key": "hunter2-secret"}},
+])
+def test_config_errors_never_show_secret_values(monkeypatch: pytest.MonkeyPatch, data: dict) -> None:
+    monkeypatch.delenv("FRAMECAP_MQTT_PASSWORD", raising=False)
+    with pytest.raises(ConfigError) as info:
+        parse_config(IngestConfig, data)
+    assert "hunter2-secret" not in str(info.value) and "12345" not in str(info.value)
+    assert "***" in str(info.value)
+
+
+def test_s3_config_defaults() -> None:
+    config = S3Config(access_key_id=None, secret_access_key=None)
+    assert config.path_style and config.region == "us-east-1" and config.endpoint_url is None
