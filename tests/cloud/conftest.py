@@ -69,16 +69,14 @@ def device(cloud_stack, prefix: str) -> Iterator[Callable[[str], Device]]:
 
 
 def make_captioner():
-    """A tiny random Captioner when cloud.captioning offers one, else the fake captioner."""
+    """The real Captioner with a tiny random decoder (batched beam search, real encoder); the
+    fake captioner when the captioning package (torch) is not importable."""
     try:
-        from cloud.captioning import inference
+        from cloud.captioning.inference import Captioner
+        from cloud.captioning.testing import tiny_checkpoint
     except ImportError:
         return FakeCaptioner()
-    for name in ("tiny_random_captioner", "make_tiny_captioner", "tiny_captioner"):
-        build = getattr(inference, name, None) or getattr(inference.Captioner, name, None)
-        if build is not None:
-            return build()
-    return FakeCaptioner()
+    return Captioner.from_checkpoint_dict(tiny_checkpoint(), device="cpu", max_caption_length=8)
 
 
 @pytest.fixture(scope="session")
