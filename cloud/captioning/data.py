@@ -136,10 +136,10 @@ class BucketBatchSampler(Sampler[list[int]]):
         for start in range(0, len(order), pool):
             chunk = sorted(order[start:start + pool], key=lambda i: self.unit_lengths[i])
             batches += [chunk[j:j + global_size] for j in range(0, len(chunk), global_size)]
-        if self.world_size > 1:
-            batches = [b for b in batches if len(b) == global_size]
         if self.shuffle:
             rng.shuffle(batches)
+        if self.world_size > 1:  # after the shuffle, so 1 and N processes see the same plan
+            batches = [b for b in batches if len(b) == global_size]
         return batches
 
     def __iter__(self) -> Iterator[list[int]]:

@@ -4,7 +4,9 @@ downloads models at first use and fails offline."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 
 logger = logging.getLogger(__name__)
 METRIC_KEYS = ("Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -39,18 +41,18 @@ def coco_scores(references: list[list[str]], hypotheses: list[str],
     gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
     res = {i: [{"caption": h}] for i, h in enumerate(hypotheses)}
     try:
-        if tokenize:
-            tokenizer = PTBTokenizer()
-            gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-        else:
-            gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
-            res = {i: [c["caption"] for c in v] for i, v in res.items()}
-        scores: dict[str, float] = {}
-        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-        scores.update({f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)})
-        scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
-        scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
-        scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
+        with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints progress on stdout
+            if tokenize:
+                tokenizer = PTBTokenizer()
+                gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
+            else:
+                gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
+                res = {i: [c["caption"] for c in v] for i, v in res.items()}
+            bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+            scores = {f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
+            scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])
+            scores["ROUGE_L"] = float(Rouge().compute_score(gts, res)[0])
+            scores["CIDEr"] = float(Cider().compute_score(gts, res)[0])
     except FileNotFoundError as err:
         raise RuntimeError(f"pycocoevalcap needs Java for PTBTokenizer and METEOR: {err}") from err
     return scores

