@@ -7,6 +7,7 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -14,6 +15,7 @@ import numpy as np
 from common.messages import FrameMetadata
 from common.storage import ObjectNotFoundError, StorageError, StoredObject
 
+IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k" / "images"
 CAPTURED_AT = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
 
 

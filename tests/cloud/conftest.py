@@ -5,7 +5,6 @@ from __future__ import annotations
 import threading
 import uuid
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from cloud_fakes import FakeCaptioner
@@ -13,7 +12,6 @@ from cloud_fakes import FakeCaptioner
 from common.mqtt import MqttClient
 
 DEVICES = ("cam1", "dev9")
-IMAGES = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "flickr8k" / "images"
 
 
 @pytest.fixture(scope="session")

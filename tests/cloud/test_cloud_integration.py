@@ -13,8 +13,7 @@ from datetime import datetime, timezone
 import cv2
 import numpy as np
 import pytest
-from cloud_fakes import jpeg_bytes
-from conftest import IMAGES
+from cloud_fakes import IMAGES, jpeg_bytes
 
 from cloud.ingest import IngestService, jpeg_dimensions
 from cloud.worker import CaptionWorker
