@@ -163,6 +163,9 @@ class EdgeConfig(Section):
     source: str = Field(default="0", description="Camera index, video file, RTSP URL or GStreamer pipeline (with '!').")
     reopen_min_s: float = Field(default=1.0, gt=0, description="First delay before reopening a lost source, seconds.")
     reopen_max_s: float = Field(default=30.0, gt=0, description="Longest delay between reopen attempts, seconds.")
+    playback_speed: float = Field(
+        default=0.0, ge=0, le=1000, description="Read a video file at this multiple of its frame rate (1: real time, as a camera delivers it; 0: as fast as it decodes). Live sources are never paced."
+    )
     max_frames: int | None = Field(default=None, ge=1, description="Stop after sampling this many frames.")
     drain_timeout_s: float = Field(default=120.0, ge=0, description="On a file's end, wait this long for every ack, seconds.")
     captions_jsonl: Path | None = Field(default=None, description="Append each caption received to this JSONL file.")

@@ -40,6 +40,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 STREAM_TIMEOUT_MS = 10_000  # open and read timeout of network streams, milliseconds
+PACE_SLACK_S = 1.0  # a paced file reader this far behind its clock restarts the clock, seconds
 STREAM_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "http://", "https://", "udp://", "tcp://")
 
 
@@ -128,6 +129,10 @@ class FrameSource:
         opener: makes a capture from (source, kind); ``cv2.VideoCapture`` by default.
         wait: sleeps the backoff delay in seconds; ``stop_event.wait`` by default (tests fake it).
         label: name used in log lines (usually the device_id).
+        playback_speed: pace a video file at this multiple of its frame rate (1.0: real time,
+            so a file behaves like a camera for demos and fault tests); 0: as fast as it decodes.
+            A reader that falls more than :data:`PACE_SLACK_S` behind (a pause) restarts the
+            clock instead of bursting to catch up. Live sources are never paced.
 
     Raises:
         SourceError: from :meth:`frames` if a file source does not exist or cannot be opened.
@@ -143,9 +148,13 @@ class FrameSource:
         opener: Callable[[str, SourceKind], Capture] = open_capture,
         wait: Callable[[float], object] | None = None,
         label: str = "edge",
+        playback_speed: float = 0.0,
     ) -> None:
         if reopen_min_s <= 0 or reopen_max_s < reopen_min_s:
             raise ValueError("need 0 < reopen_min_s <= reopen_max_s")
+        if playback_speed < 0:
+            raise ValueError("need playback_speed >= 0")
+        self.playback_speed = playback_speed
         self.source = source
         self.kind = classify_source(source)
         self.reopen_min_s = reopen_min_s
@@ -206,18 +215,35 @@ class FrameSource:
             self.label, self.source, self.expected_frames or "?", fps or "?",
         )
         index = 0
+        clock: tuple[float, float] | None = None  # (wall time, video time) the pace counts from
         try:
             while not self.stopped:
                 ok, image = cap.read()
                 if not ok or image is None:
                     break
                 ts = _video_time_s(cap, index, fps)
+                if self.playback_speed > 0:
+                    clock = self._pace(clock, ts)
+                    if self.stopped:
+                        break
                 self.frames_read += 1
                 yield CapturedFrame(image, index, ts, datetime.now(timezone.utc))
                 index += 1
         finally:
             cap.release()
         self._report_file_end(index)
+
+    def _pace(self, clock: tuple[float, float] | None, ts: float) -> tuple[float, float]:
+        """Sleep until video time ``ts`` is due at :attr:`playback_speed`; returns the clock."""
+        now = time.monotonic()
+        if clock is None:
+            return now, ts
+        due = clock[0] + (ts - clock[1]) / self.playback_speed
+        if now - due > PACE_SLACK_S:  # paused (a full spool) or too slow: count from here
+            return now, ts
+        if due > now:
+            self._stop.wait(due - now)
+        return clock
 
     def _report_file_end(self, read: int) -> None:
         if self.stopped:

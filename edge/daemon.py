@@ -106,6 +106,10 @@ class EdgeDaemon:
         config: the validated edge config.
         on_caption: called with each caption that comes back (on the publisher's thread).
         print_captions: print ``HH:MM:SS frame_id caption`` lines to stdout.
+        on_spooled: called with each sampled frame's metadata once it is durably spooled (on
+            the capture thread; must return quickly): the edge's record of what it sampled.
+        source_factory: builds the frame source from the config and the capture stop event
+            (embedding and tests: e.g. a live source); :meth:`make_source` when None.
     """
 
     def __init__(
@@ -114,8 +118,12 @@ class EdgeDaemon:
         *,
         on_caption: Callable[[CaptionRecord], None] | None = None,
         print_captions: bool = True,
+        on_spooled: Callable[[FrameMetadata], None] | None = None,
+        source_factory: Callable[[EdgeConfig, threading.Event], FrameSource] | None = None,
     ) -> None:
         self.config = config
+        self.on_spooled = on_spooled
+        self._source_factory = source_factory or self.make_source
         self.device_id = config.device_id
         self.on_caption = on_caption
         self.print_captions = print_captions
@@ -156,8 +164,7 @@ class EdgeDaemon:
             self._summary.error = str(err)
             logger.error("%s: %s", self.device_id, err)
             return self.summary()
-        source = FrameSource(cfg.source, reopen_min_s=cfg.reopen_min_s, reopen_max_s=cfg.reopen_max_s,
-                             stop_event=self._capture_stop, label=cfg.device_id)
+        source = self._source_factory(cfg, self._capture_stop)
         if not source.is_live and not Path(cfg.source).is_file():
             self._summary.error = f"{cfg.device_id}: video file {cfg.source!r} does not exist"
             logger.error("%s", self._summary.error)
@@ -182,6 +189,14 @@ class EdgeDaemon:
         summary.stopped = self._stop_requested.is_set()
         logger.info("%s: finished: %s", self.device_id, summary.to_json())
         return summary
+
+    @staticmethod
+    def make_source(cfg: EdgeConfig, stop_event: threading.Event) -> FrameSource:
+        """The :class:`FrameSource` of ``cfg.source`` (reopen backoff, file pacing) that ends when
+        ``stop_event`` is set."""
+        return FrameSource(cfg.source, reopen_min_s=cfg.reopen_min_s, reopen_max_s=cfg.reopen_max_s,
+                           stop_event=stop_event, label=cfg.device_id,
+                           playback_speed=cfg.playback_speed)
 
     def _wait_capture(self) -> None:
         while not self._stop_requested.is_set() and not self._capture_done.wait(0.2):
@@ -278,10 +293,16 @@ class EdgeDaemon:
             logger.error("%s: source frame %d at %.3f s not spooled: %s",
                          self.device_id, frame.index, frame.timestamp_s, err)
             return False
-        logger.info("%s: frame %s sampled (%s, t=%.3f s) and spooled (%dx%d, q%d, %d bytes)",
-                    self.device_id, frame_id, decision.reason, frame.timestamp_s,
-                    encoded.width, encoded.height, encoded.quality, len(encoded.jpeg))
+        logger.info("%s: frame %s sampled (%s, t=%.3f s) and spooled (%dx%d, q%d, %d bytes, "
+                    "sha256 %s)", self.device_id, frame_id, decision.reason, frame.timestamp_s,
+                    encoded.width, encoded.height, encoded.quality, len(encoded.jpeg),
+                    metadata.sha256)
         self._publisher.notify()
+        if self.on_spooled is not None:
+            try:
+                self.on_spooled(metadata)
+            except Exception:  # noqa: BLE001 - a user hook must not stop the capture
+                logger.exception("%s: frame %s: on_spooled hook failed", self.device_id, frame_id)
         return True
 
 
@@ -313,6 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "last frame sent is below T")
     p.add_argument("--no-scene-change", action="store_true", help="sample by interval only")
     p.add_argument("--max-frames", type=int, metavar="N", help="stop after sampling N frames")
+    p.add_argument("--playback-speed", type=float, metavar="X",
+                   help="read a video file at X times its frame rate (0: as fast as it decodes)")
+    p.add_argument("--realtime", action="store_true",
+                   help="read a video file in real time, as a camera delivers it (--playback-speed 1)")
     p.add_argument("--captions-jsonl", metavar="FILE", help="append each caption received to FILE")
     p.add_argument("--drain-timeout", type=float, metavar="S",
                    help="after a video file ends, wait at most S seconds for every ack")
@@ -336,6 +361,7 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
         "sampling.scene_threshold": args.scene_threshold,
         "sampling.scene_change": False if args.no_scene_change else None,
         "max_frames": args.max_frames,
+        "playback_speed": 1.0 if args.realtime else args.playback_speed,
         "captions_jsonl": args.captions_jsonl,
         "drain_timeout_s": args.drain_timeout,
         "wait_for_captions_s": args.wait_for_captions,

@@ -110,3 +110,31 @@ def test_stop_ends_a_live_source_during_backoff() -> None:
     t.start()
     assert list(src.frames()) == []
     t.join()
+
+
+def test_playback_speed_paces_a_file_and_zero_does_not(clip10: Path) -> None:
+    """10 frames at 10 fps are 0.9 s of video: 0.3 s at speed 3, no wait at speed 0."""
+    import time
+
+    t0 = time.monotonic()
+    assert len(list(FrameSource(str(clip10), playback_speed=3.0).frames())) == 10
+    paced = time.monotonic() - t0
+    t0 = time.monotonic()
+    assert len(list(FrameSource(str(clip10)).frames())) == 10
+    fast = time.monotonic() - t0
+    assert 0.28 <= paced < 2.0 and fast < paced
+    with pytest.raises(ValueError):
+        FrameSource(str(clip10), playback_speed=-1)
+
+
+def test_a_paced_file_stops_at_once_when_asked(clip10: Path) -> None:
+    import time
+
+    stop = threading.Event()
+    src = FrameSource(str(clip10), playback_speed=0.1, stop_event=stop)  # 1 frame per second
+    frames = src.frames()
+    next(frames)
+    threading.Timer(0.2, stop.set).start()
+    t0 = time.monotonic()
+    assert list(frames) == []
+    assert time.monotonic() - t0 < 0.9
