@@ -17,13 +17,13 @@ import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from common.topics import InvalidIdError, validate_id
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION: Final = 1
 USER_PROPERTY_PREFIX = "fc-"
 STATUS_ONLINE = "online"
 STATUS_OFFLINE = "offline"
