@@ -1,0 +1,36 @@
+"""Export a training checkpoint as a small inference model (float16 decoder, no optimizer).
+
+``python -m cloud.captioning.export runs/NAME/best.pt cloud/models/default.pt [--name N]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from cloud.captioning.checkpoint import CheckpointError, export_model
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    p = argparse.ArgumentParser(prog="python -m cloud.captioning.export", description=__doc__.split("\n")[0])
+    p.add_argument("checkpoint", type=Path)
+    p.add_argument("output", type=Path)
+    p.add_argument("--name", default=None, help="model name in caption records (default: sat-ENCODER-flickr8k-v1)")
+    args = p.parse_args(argv)
+    try:
+        out = export_model(args.checkpoint, args.output, args.name)
+    except (FileNotFoundError, CheckpointError) as err:
+        print(f"export: {err}", file=sys.stderr)
+        return 1
+    size_mb = args.output.stat().st_size / 1e6
+    print(f"{args.output}: {out['name']}, epoch {out['epoch']}, {size_mb:.1f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
