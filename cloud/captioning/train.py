@@ -73,6 +73,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers when reading images")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--threads", type=int, default=0,
+                   help="torch CPU threads per process (0: torch's default); 1 is steadier on a busy CPU")
     return p
 
 
@@ -174,6 +176,8 @@ def setup_logging(run_dir: Path, rank: int) -> None:
 
 def main(argv: list[str]) -> int:
     args = get_args_parser().parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
     setup_logging(args.run_dir, rank)
     try:
