@@ -222,13 +222,14 @@ class EdgeDaemon:
                            self.config.spool.directory)
 
     def _wait_for_captions(self) -> None:
-        """Wait up to wait_for_captions_s for one caption per frame sampled in this run."""
-        assert self._publisher is not None
+        """Wait up to wait_for_captions_s for one caption per frame sampled in this run and
+        sent (frames a full spool dropped never get one)."""
+        assert self._publisher is not None and self._spool is not None
         wait_s = self.config.wait_for_captions_s
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s
-        wanted = self._summary.frames_sampled
+        wanted = max(0, self._summary.frames_sampled - self._spool.dropped)
         while (self._publisher.stats.captions_received < wanted
                and not self._stop_requested.is_set() and time.monotonic() < deadline):
             self._stop_requested.wait(0.1)
