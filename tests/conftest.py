@@ -74,7 +74,8 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
     """The session's mosquitto + SeaweedFS on 127.0.0.1, free ports, a temporary state dir.
 
     Accounts ``admin``, ``ingest``, ``worker`` exist; add devices with ``add_device`` (or use
-    ``stack_ns.device``). The ACL accepts any one-level topic prefix. Stopped with SIGTERM and
+    ``stack_ns.device``). The ACL accepts any one-level topic prefix. A TLS listener runs too:
+    ``mqtt_config(user, tls=True)`` gives a config with the generated CA (``stack.ca_file``). Stopped with SIGTERM and
     a 2 s grace (then SIGKILL): its data is thrown away.
     """
     try:
@@ -84,7 +85,7 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         if os.environ.get("FRAMECAP_REQUIRE_STACK") == "1":
             pytest.fail(f"local stack required (FRAMECAP_REQUIRE_STACK=1) but {err}")
         pytest.skip(f"local stack unavailable: {err}")
-    stack = LocalStack(tmp_path_factory.mktemp("stack"))
+    stack = LocalStack(tmp_path_factory.mktemp("stack"), tls=True)
     try:
         stack.up(timeout_s=90.0)
     except StackError as err:

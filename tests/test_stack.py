@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import glob
 import json
+import ssl
 import threading
 import time
 import uuid
@@ -18,6 +19,15 @@ from pydantic import SecretStr
 from common.config import MqttConfig
 from common.stack import GRPC_OFFSET, LocalStack, main, mqtt_connack, pid_alive
 from common.storage import ObjectStore, StorageError
+
+
+def certifi_or_system() -> str:
+    """A CA bundle that does not hold the stack's CA."""
+    paths = ssl.get_default_verify_paths()
+    for candidate in (paths.cafile, paths.openssl_cafile, "/etc/ssl/certs/ca-certificates.crt"):
+        if candidate and Path(candidate).is_file():
+            return candidate
+    pytest.skip("no system CA bundle")
 
 
 class Client:
@@ -37,6 +47,8 @@ class Client:
         self.client.on_connect = self._on_connect
         self.client.on_message = lambda c, u, m: self.messages.append((m.topic, bytes(m.payload)))
         self.client.on_subscribe = self._on_subscribe
+        if config.tls is not None:
+            self.client.tls_set(ca_certs=str(config.tls.ca_certs))
         self.client.connect(config.host, config.port)
         self.client.loop_start()
         assert self._connected.wait(5), "no CONNACK"
@@ -160,6 +172,26 @@ def test_service_accounts_only_write_their_own_kind(stack_ns, wait_until) -> Non
     finally:
         for c in (admin, worker, ingest):
             c.close()
+
+
+def test_tls_listener_is_verified_with_the_generated_ca(stack_ns, wait_until) -> None:  # noqa: ANN001
+    dev = stack_ns.device("cam")
+    config = stack_ns.mqtt_config(dev, tls=True)
+    assert config.port == stack_ns.stack.mqtt_tls_port and config.tls.ca_certs == stack_ns.stack.ca_file
+    ingest = Client(stack_ns.mqtt_config("ingest"))
+    device = Client(config)  # TLS, hostname 127.0.0.1 checked against the certificate's SAN
+    try:
+        assert device.connack is not None and not device.connack.is_failure
+        ingest.subscribe(stack_ns.topics.frames(dev))
+        device.publish(stack_ns.topics.frames(dev), b"over tls")
+        assert wait_until(lambda: ingest.payloads(stack_ns.topics.frames(dev)) == [b"over tls"], 5)
+    finally:
+        device.close()
+        ingest.close()
+    with pytest.raises(ssl.SSLError):  # the system CAs do not know our CA
+        mqtt_connack(stack_ns.stack.host, stack_ns.stack.mqtt_tls_port, dev, "x", ca_certs=certifi_or_system())
+    assert mqtt_connack(stack_ns.stack.host, stack_ns.stack.mqtt_tls_port, dev, "wrong",
+                        ca_certs=stack_ns.stack.ca_file) != 0
 
 
 def test_add_device_cli_stores_password_and_reloads_broker(local_stack: LocalStack, capsys) -> None:  # noqa: ANN001
