@@ -13,6 +13,7 @@ import torch
 
 from cloud.captioning import prepare, train
 from cloud.captioning.checkpoint import read_checkpoint
+from cloud.captioning.models import DecoderWithAttention, ModelArgs
 
 from .conftest import IMAGE_DIR
 
@@ -61,5 +62,9 @@ def _train_steps(data_dir: Path, run: Path, batch: int, nproc: int) -> dict:
 def test_torchrun_two_processes_matches_one_process(data_dir, tmp_path) -> None:
     one = _train_steps(data_dir, tmp_path / "one", batch=20, nproc=1)
     two = _train_steps(data_dir, tmp_path / "two", batch=10, nproc=2)  # same global batch of 20
+    assert "x 2 processes" in (tmp_path / "two" / "train.log").read_text()
+    torch.manual_seed(42)  # the trainer's seed: the same initial weights
+    fresh = DecoderWithAttention(ModelArgs.from_dict(read_checkpoint(tmp_path / "one" / "last.pt")["model_args"]))
+    assert not torch.allclose(one["fc.weight"], fresh.fc.weight)  # the steps did train
     for name, weight in one.items():
         assert torch.allclose(weight, two[name], atol=1e-5, rtol=1e-4), name
