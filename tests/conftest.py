@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -92,10 +94,22 @@ def local_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack
         stack.down(timeout_s=2.0)
         pytest.fail(f"local stack did not start: {err}")
     logger.info("local stack up in %.1f s", stack.timings.get("up_s", -1))
+    # A SIGTERM (``timeout``, CI cancelling) would end Python without teardown and leave both
+    # servers running (they are in a session of their own); turn it into KeyboardInterrupt.
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main = threading.current_thread() is threading.main_thread()
+    if in_main:
+        signal.signal(signal.SIGTERM, _interrupt)
     try:
         yield stack
     finally:
         stack.down(timeout_s=2.0)
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def unique(name: str) -> str:
