@@ -38,16 +38,14 @@ def coco_scores(references: list[list[str]], hypotheses: list[str],
     from pycocoevalcap.rouge.rouge import Rouge
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
-    gts = {i: [{"caption": r} for r in refs] for i, refs in enumerate(references)}
-    res = {i: [{"caption": h}] for i, h in enumerate(hypotheses)}
+    gts: dict[int, list[str]] = {i: list(refs) for i, refs in enumerate(references)}
+    res: dict[int, list[str]] = {i: [h] for i, h in enumerate(hypotheses)}
     try:
         with contextlib.redirect_stdout(sys.stderr):  # pycocoevalcap prints progress on stdout
             if tokenize:
                 tokenizer = PTBTokenizer()
-                gts, res = tokenizer.tokenize(gts), tokenizer.tokenize(res)
-            else:
-                gts = {i: [c["caption"] for c in v] for i, v in gts.items()}
-                res = {i: [c["caption"] for c in v] for i, v in res.items()}
+                gts = tokenizer.tokenize({i: [{"caption": c} for c in v] for i, v in gts.items()})
+                res = tokenizer.tokenize({i: [{"caption": c} for c in v] for i, v in res.items()})
             bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
             scores = {f"Bleu_{n + 1}": float(b) for n, b in enumerate(bleu)}
             scores["METEOR"] = float(Meteor().compute_score(gts, res)[0])

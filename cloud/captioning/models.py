@@ -118,6 +118,8 @@ class Encoder(nn.Module):
             raise ValueError(f"unknown encoder {name!r}; known: {sorted(ENCODERS)}")
         self.name = name
         self.encoder_dim, self.input_size, (mean, std) = ENCODERS[name]
+        self.mean: torch.Tensor
+        self.std: torch.Tensor
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         if name.startswith("efficientnet_lite"):

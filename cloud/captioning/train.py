@@ -19,6 +19,7 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -146,6 +147,7 @@ def feature_batches(dataset: CaptionDataset, sampler: BucketBatchSampler):
         lengths = dataset.lengths[index]  # (b,)
         captions = dataset.captions[index][:, : int(lengths.max())]  # (b, L)
         images, image_index = torch.div(index, dataset.cpi, rounding_mode="floor").unique(return_inverse=True)
+        assert dataset.features is not None
         yield dataset.features[images], captions, lengths, image_index  # features (n_images, P, E)
 
 
@@ -209,7 +211,7 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     word_map = train_ds.word_map
     model = build_model(args, len(word_map), use_features).to(device)
     optimizer = make_optimizer(model, args)
-    state = {"epoch": 0, "best_bleu4": -1.0, "since_best": 0, "metrics": []}
+    state: dict[str, Any] = {"epoch": 0, "best_bleu4": -1.0, "since_best": 0, "metrics": []}
     ckpt = load_resume(args)
     if ckpt is not None:
         model.decoder.load_state_dict(ckpt["decoder"])
@@ -236,7 +238,7 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         sampler.set_epoch(epoch)
         batches = loader if loader is not None else feature_batches(train_ds, sampler)
         stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank)
-        bleu, samples = -1.0, []
+        bleu, samples = -1.0, list[str]()
         if rank == 0 and val_ds is not None:
             bleu, samples = val_bleu4(model, val_ds, args.val_beam_size, args.max_caption_length, device)
         bleu = all_reduce_sum([bleu if rank == 0 else 0.0], device, world)[0]

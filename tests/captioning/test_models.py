@@ -71,3 +71,17 @@ def test_word_map_encode_decode() -> None:
     assert enc == [wm.start, wm["a"], wm.unk, wm["dog"], wm.end]
     assert wm.decode(enc + [wm.pad]) == ["a", "<unk>", "dog"]
     assert wm.encode(["a"] * 10, max_len=3) == [wm.start, wm["a"], wm["a"], wm["a"], wm.end]
+
+
+def test_encoder_fine_tune_from_block_and_frozen_batch_norm() -> None:
+    from cloud.captioning.models import Encoder
+
+    enc = Encoder("efficientnet_lite0", encoded_image_size=5, fine_tune_from=14, pretrained=False)
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"_blocks", "_conv_head", "_bn1"}
+    enc.train()
+    assert enc.backbone.training  # fine-tuned: batch norm trains
+    frozen = Encoder("efficientnet_lite0", pretrained=False).train()
+    assert not frozen.backbone.training  # frozen: batch norm keeps its ImageNet statistics
+    with torch.inference_mode():
+        assert enc(torch.zeros(1, 3, 224, 224)).shape == (1, 5, 5, 1280)
