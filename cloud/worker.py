@@ -12,6 +12,14 @@ first) through ``Captioner.caption_images`` (batched beam search). Each frame's 
 replicas never both write it) and, only if this worker wrote it, on
 ``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object gets a record with
 an empty caption and ``error`` set. S3 outages are logged once and retried until S3 returns.
+
+No caption is lost between S3 and MQTT: before writing a record the worker puts a marker
+``outbox/{caption_key}`` (its body: the worker's client_id) and deletes it only when the broker
+has acknowledged (PUBACK) the caption's publish. A worker killed in between leaves the marker;
+the next listing republishes the record: at once for the worker's own markers after a restart,
+after one more listing interval for another replica's (it may still be publishing). So the
+device gets every caption at least once (a kill right after the PUBACK may repeat one; the
+edge drops repeats by frame_id).
 """
 
 from __future__ import annotations
@@ -52,6 +60,7 @@ from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, Topics, parse
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
+OUTBOX_PREFIX = "outbox/"  # outbox/{caption_key}: a caption written but not yet acknowledged
 T = TypeVar("T")
 
 
@@ -205,6 +214,11 @@ class CaptionWorker:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self._s3_down_since: float | None = None
+        self._outbox_by_mid: dict[int, str] = {}  # publish mid -> its outbox marker key
+        self._early_pubacks: set[int] = set()  # PUBACKs that came before the mid was recorded
+        self._outbox_lock = threading.Lock()  # never held while calling paho (its own locks)
+        self._outbox_done: queue.Queue[str] = queue.Queue()  # markers whose publish was acked
+        self._outbox_seen: set[str] | None = None  # markers of the previous listing
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, mqtt_enabled: bool = True) -> None:
@@ -228,6 +242,7 @@ class CaptionWorker:
             thread.start()
         if mqtt_enabled:
             client = MqttClient(self.config.mqtt, self.client_id, clean_start=False)
+            client.on_published(self._on_published)
             client.subscribe(self.topics.shared(self.config.share_group, "acks"), self._on_ack, 1)
             client.start()
             self._client = client
@@ -298,6 +313,7 @@ class CaptionWorker:
             StorageError: a listing failed.
         """
         store = self._require_store()
+        self._republish_outbox(store)
         captions = set(store.list_keys("captions/"))
         queued = 0
         for key in store.list_keys(FRAMES_PREFIX):
@@ -314,6 +330,81 @@ class CaptionWorker:
         if queued:
             logger.info("worker: listing found %d frames without captions", queued)
         return queued
+
+    # -- the outbox ----------------------------------------------------------------------
+    def _on_published(self, mid: int) -> None:
+        """MQTT network thread: a publish was acknowledged; its marker can go (batch thread)."""
+        with self._outbox_lock:
+            marker = self._outbox_by_mid.pop(mid, None)
+            if marker is None:
+                self._early_pubacks.add(mid)
+        if marker is not None:
+            self._outbox_done.put(marker)
+
+    def _publish_caption(self, device_id: str, body: bytes, marker: str) -> None:
+        """Publish a caption record at QoS 1; its outbox marker is deleted on the PUBACK."""
+        if self._client is None:  # no MQTT (batch use): nothing to wait for
+            self._outbox_done.put(marker)
+            return
+        info = self._client.publish(self.topics.captions(device_id), body, qos=1)
+        with self._outbox_lock:  # the PUBACK may have come before publish() returned
+            if info.mid in self._early_pubacks:
+                self._early_pubacks.discard(info.mid)
+                acked = True
+            else:
+                self._outbox_by_mid[info.mid] = marker
+                acked = False
+        if acked:
+            self._outbox_done.put(marker)
+
+    def _clear_outbox(self) -> None:
+        """Delete the markers of acknowledged publishes (batch thread; a failure only means a
+        repeated caption later)."""
+        store = self._require_store()
+        while True:
+            try:
+                marker = self._outbox_done.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                store.delete(marker)
+            except StorageError as err:
+                logger.warning("worker: outbox marker %s not deleted: %s", marker, err)
+
+    def _republish_outbox(self, store: ObjectStore) -> None:
+        """Republish records whose publish was never acknowledged (see the module docstring)."""
+        markers = set(store.list_keys(OUTBOX_PREFIX))
+        with self._outbox_lock:
+            waiting = set(self._outbox_by_mid.values())
+        first = self._outbox_seen is None
+        seen = self._outbox_seen or set()
+        self._outbox_seen = set()
+        for marker in sorted(markers - waiting):
+            if not (marker in seen or (first and self._is_mine(store, marker))):
+                self._outbox_seen.add(marker)
+                continue
+            caption_key = marker[len(OUTBOX_PREFIX):]
+            try:
+                body = store.get(caption_key)
+                record = CaptionRecord.from_json(body)
+            except ObjectNotFoundError:  # killed before the record was written: not captioned
+                store.delete(marker)
+                continue
+            except MessageError as err:
+                logger.error("worker: outbox %s: record unreadable (%s); dropping it", marker, err)
+                store.delete(marker)
+                continue
+            logger.warning("worker: frame %s of device %s: caption written but its publish not "
+                           "acknowledged (a worker died); publishing it again",
+                           record.frame_id, record.device_id)
+            self._count("republished")
+            self._publish_caption(record.device_id, body, marker)
+
+    def _is_mine(self, store: ObjectStore, marker: str) -> bool:
+        try:
+            return store.get(marker).decode(errors="replace") == self.client_id
+        except ObjectNotFoundError:
+            return False
 
     def _bad_key(self, key: str, reason: str) -> None:
         with self._lock:
@@ -357,6 +448,10 @@ class CaptionWorker:
     def _batch_loop(self) -> None:
         while not self._stop.is_set():
             keys = self._next_batch()
+            try:
+                self._clear_outbox()
+            except Exception:  # noqa: BLE001 - markers left behind only repeat a caption
+                logger.exception("worker: clearing the outbox failed")
             if not keys:
                 continue
             try:
@@ -468,6 +563,8 @@ class CaptionWorker:
             error=error,
         )
         body = record.to_json()
+        marker = OUTBOX_PREFIX + frame.caption_key
+        self._s3(lambda s: s.put(marker, self.client_id.encode()))
         created = self._s3(
             lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE)
         )
@@ -475,6 +572,7 @@ class CaptionWorker:
         self._count({"skipped": "skipped", "error": "errors", "captioned": "captioned"}[result])
         metrics.WORKER_FRAMES.labels(result).inc()
         if not created:
+            self._s3(lambda s: s.delete(marker))
             logger.info(
                 "worker: frame %s of device %s: caption already written",
                 frame.frame_id,
@@ -497,8 +595,7 @@ class CaptionWorker:
                 record.caption,
                 record.score,
             )
-        if self._client is not None:
-            self._client.publish(self.topics.captions(frame.device_id), body, qos=1)
+        self._publish_caption(frame.device_id, body, marker)
 
     # -- S3 with retries -------------------------------------------------------------------
     def _require_store(self) -> ObjectStore:

@@ -79,6 +79,23 @@ class FakeStore:
             self.objects[key] = (bytes(body), dict(metadata or {}), content_type)
             return True
 
+    def put(
+        self,
+        key: str,
+        body: bytes,
+        *,
+        metadata: Mapping[str, str] | None = None,
+        content_type: str = "application/octet-stream",
+    ) -> None:
+        self._maybe_fail("put", key)
+        with self._lock:
+            self.objects[key] = (bytes(body), dict(metadata or {}), content_type)
+
+    def delete(self, key: str) -> None:
+        self._maybe_fail("delete", key)
+        with self._lock:
+            self.objects.pop(key, None)
+
     def _find(self, op: str, key: str) -> tuple[bytes, dict[str, str], str]:
         self._maybe_fail(op, key)
         obj = self.objects.get(key)
