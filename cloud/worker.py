@@ -357,6 +357,16 @@ class CaptionWorker:
         if acked:
             self._outbox_done.put(marker)
 
+    def _await_pubacks(self, timeout_s: float) -> None:
+        """Wait (at most ``timeout_s``, not while disconnected) for the PUBACKs of the captions
+        published so far, so their outbox markers go now, not a batch later."""
+        deadline = time.monotonic() + timeout_s
+        while self._client is not None and self._client.is_connected and time.monotonic() < deadline:
+            with self._outbox_lock:
+                if not self._outbox_by_mid:
+                    return
+            time.sleep(0.005)
+
     def _clear_outbox(self) -> None:
         """Delete the markers of acknowledged publishes (batch thread; a failure only means a
         repeated caption later)."""
@@ -478,6 +488,8 @@ class CaptionWorker:
             self._caption(ready)
         for job in jobs:
             self._finish(job)
+        self._await_pubacks(2.0)
+        self._clear_outbox()
 
     def _prepare(self, key: str) -> _Job | None:
         """Parse, check and fetch one frame; None when there is nothing to do."""

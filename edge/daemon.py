@@ -173,6 +173,7 @@ class EdgeDaemon:
             cfg.device_id, cfg.mqtt, self._spool,
             resend_after_s=cfg.spool.resend_after_s, captions_jsonl=cfg.captions_jsonl,
             on_caption=self.on_caption, print_captions=self.print_captions,
+            track_captions=cfg.wait_for_captions_s > 0,
         )
         self._publisher.start()
         capture = threading.Thread(target=self._capture, args=(source,), name="capture", daemon=True)
@@ -222,21 +223,20 @@ class EdgeDaemon:
                            self.config.spool.directory)
 
     def _wait_for_captions(self) -> None:
-        """Wait up to wait_for_captions_s for one caption per frame sampled in this run and
-        sent (frames a full spool dropped never get one)."""
-        assert self._publisher is not None and self._spool is not None
+        """Wait up to wait_for_captions_s for the caption of every frame acked in this run
+        (spooled by an earlier run included; frames a full spool dropped never get one)."""
+        assert self._publisher is not None
         wait_s = self.config.wait_for_captions_s
         if wait_s <= 0:
             return
         deadline = time.monotonic() + wait_s
-        wanted = max(0, self._summary.frames_sampled - self._spool.dropped)
-        while (self._publisher.stats.captions_received < wanted
+        while (self._publisher.captions_pending()
                and not self._stop_requested.is_set() and time.monotonic() < deadline):
             self._stop_requested.wait(0.1)
-        got = self._publisher.stats.captions_received
-        if got < wanted:
-            logger.warning("%s: %d of %d captions arrived within %.0f s",
-                           self.device_id, got, wanted, wait_s)
+        missing = self._publisher.captions_pending()
+        if missing:
+            logger.warning("%s: %d of %d acked frames still have no caption after %.0f s",
+                           self.device_id, missing, self._publisher.stats.acked, wait_s)
 
     # -- capture thread ------------------------------------------------------------------
     def _capture(self, source: FrameSource) -> None:

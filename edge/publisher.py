@@ -23,6 +23,7 @@ import logging
 import queue
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ from edge.spool import FrameSpool
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # worker thread wake-up period, seconds
+RECENT_CAPTIONS = 10_000  # frame_ids remembered to drop a caption delivered twice
 _QUEUED = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # paho keeps QoS 1 messages on NO_CONN
 
 
@@ -52,6 +54,7 @@ class PublisherStats:
     acks_unknown: int = 0  # acks for frames not in the spool (duplicates, dropped frames)
     acks_malformed: int = 0  # ack payloads that did not decode, or were for another device
     captions_received: int = 0
+    captions_repeated: int = 0  # a caption for a frame already captioned (at-least-once MQTT)
     captions_malformed: int = 0
     publish_errors: int = 0  # publishes paho refused (retried later)
 
@@ -83,6 +86,8 @@ class FramePublisher:
         captions_jsonl: append each caption received to this file (one JSON object a line).
         on_caption: called with each decoded :class:`CaptionRecord` (on the worker thread).
         print_captions: print ``HH:MM:SS frame_id caption`` to stdout for each caption.
+        track_captions: remember which frames acked by this process still lack their caption
+            (:meth:`captions_pending`), so a batch run can wait for them; off for endless runs.
     """
 
     def __init__(
@@ -96,8 +101,13 @@ class FramePublisher:
         captions_jsonl: Path | None = None,
         on_caption: Callable[[CaptionRecord], None] | None = None,
         print_captions: bool = True,
+        track_captions: bool = False,
     ) -> None:
         self.device_id = device_id
+        self.track_captions = track_captions
+        self._awaiting_caption: set[str] = set()  # acked here, caption not yet received
+        self._caption_before_ack: set[str] = set()  # caption came while the frame was spooled
+        self._recent_captions: OrderedDict[str, None] = OrderedDict()  # frame_ids, newest last
         self.spool = spool
         self.topics = Topics(mqtt_config.topic_prefix)
         self.resend_after_s = resend_after_s
@@ -152,6 +162,10 @@ class FramePublisher:
                 logger.warning("%s: could not publish status offline: %s", self.device_id, err)
         self.client.stop()
         logger.info("%s: publisher stopped (%d frames left in the spool)", self.device_id, len(self.spool))
+
+    def captions_pending(self) -> int:
+        """Frames acked by this process whose caption has not arrived (``track_captions``)."""
+        return len(self._awaiting_caption)
 
     @property
     def in_flight(self) -> int:
@@ -288,6 +302,11 @@ class FramePublisher:
         self._forget(ack.frame_id)
         if self.spool.remove(ack.frame_id):
             self.stats.acked += 1
+            if self.track_captions:
+                if ack.frame_id in self._caption_before_ack:
+                    self._caption_before_ack.discard(ack.frame_id)
+                else:
+                    self._awaiting_caption.add(ack.frame_id)
             logger.info("%s: frame %s acked, stored as %s", self.device_id, ack.frame_id, ack.key)
         else:
             self.stats.acks_unknown += 1
@@ -301,7 +320,20 @@ class FramePublisher:
             self.stats.captions_malformed += 1
             logger.warning("%s: malformed caption ignored: %s", self.device_id, err)
             return
+        if record.frame_id in self._recent_captions:
+            self.stats.captions_repeated += 1
+            logger.info("%s: frame %s: caption received again (a republish); ignored",
+                        self.device_id, record.frame_id)
+            return
+        self._recent_captions[record.frame_id] = None
+        if len(self._recent_captions) > RECENT_CAPTIONS:
+            self._recent_captions.popitem(last=False)
         self.stats.captions_received += 1
+        if self.track_captions:
+            if record.frame_id in self._awaiting_caption:
+                self._awaiting_caption.discard(record.frame_id)
+            elif record.frame_id in self.spool:  # listed and captioned before its ack came
+                self._caption_before_ack.add(record.frame_id)
         logger.info("%s: frame %s captioned: %r", self.device_id, record.frame_id, record.caption)
         if self.print_captions:
             print(format_caption(record), flush=True)

@@ -133,6 +133,7 @@ class FakeMqtt:
     """Records what the services ack and publish, in order."""
 
     events: list[tuple] = field(default_factory=list)
+    is_connected: bool = False  # it sends no PUBACKs: the worker must not wait for them
 
     def ack(self, mid: int, qos: int) -> None:
         self.events.append(("ack", mid, qos))
