@@ -79,9 +79,32 @@ def model_name(args: ModelArgs, dataset: str = "flickr8k", version: int = 1) -> 
     return f"sat-{args.encoder}-{dataset}-v{version}"
 
 
-def export_model(checkpoint_path: str | Path, out_path: str | Path, name: str | None = None) -> dict:
-    """Write a small inference checkpoint (float16 decoder, model_args, word_map, name, metrics)."""
-    ckpt = read_checkpoint(checkpoint_path)
+def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
+    """Average the decoder weights of several checkpoints of the same model (e.g. the last epochs).
+
+    Returns the last checkpoint's dict with the averaged ``decoder``; raises CheckpointError
+    when the checkpoints differ in model_args or word map.
+    """
+    ckpts = [read_checkpoint(p) for p in paths]
+    first = ckpts[-1]
+    for path, ckpt in zip(paths, ckpts, strict=True):
+        if ckpt["model_args"] != first["model_args"] or ckpt["word_map"] != first["word_map"]:
+            raise CheckpointError(f"{path}: model_args or word map differ from {paths[-1]}")
+    decoder = {k: sum(c["decoder"][k].double() for c in ckpts) / len(ckpts) for k in first["decoder"]}
+    return {**first, "decoder": {k: v.to(first["decoder"][k].dtype) for k, v in decoder.items()},
+            "averaged_from": [str(p) for p in paths]}
+
+
+def export_model(checkpoint_path: str | Path | list[str | Path], out_path: str | Path,
+                 name: str | None = None) -> dict:
+    """Write a small inference checkpoint (float16 decoder, model_args, word_map, name, metrics).
+
+    Several checkpoint paths: their decoder weights are averaged first (average_checkpoints).
+    """
+    if isinstance(checkpoint_path, list):
+        ckpt = average_checkpoints(checkpoint_path) if len(checkpoint_path) > 1 else read_checkpoint(checkpoint_path[0])
+    else:
+        ckpt = read_checkpoint(checkpoint_path)
     args = ModelArgs.from_dict(dict(ckpt["model_args"]))
     out = {
         "decoder": {k: v.half() if v.is_floating_point() else v for k, v in ckpt["decoder"].items()},
@@ -90,6 +113,7 @@ def export_model(checkpoint_path: str | Path, out_path: str | Path, name: str | 
         "name": name or model_name(args),
         "metrics": ckpt.get("metrics", []),
         "epoch": ckpt.get("epoch", -1),
+        "averaged_from": ckpt.get("averaged_from", []),
     }
     if ckpt.get("encoder"):
         out["encoder"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["encoder"].items()}

@@ -1,6 +1,7 @@
 """Export a training checkpoint as a small inference model (float16 decoder, no optimizer).
 
-``python -m cloud.captioning.export runs/NAME/best.pt cloud/models/default.pt [--name N]``
+``python -m cloud.captioning.export runs/NAME/best.pt --output cloud/models/default.pt [--name N]``;
+several checkpoints (e.g. ``epoch8.pt epoch9.pt epoch10.pt``) are averaged weight by weight.
 """
 
 from __future__ import annotations
@@ -18,12 +19,12 @@ logger = logging.getLogger(__name__)
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     p = argparse.ArgumentParser(prog="python -m cloud.captioning.export", description=__doc__.split("\n")[0])
-    p.add_argument("checkpoint", type=Path)
-    p.add_argument("output", type=Path)
+    p.add_argument("checkpoints", type=Path, nargs="+", help="one checkpoint, or several to average")
+    p.add_argument("--output", type=Path, required=True)
     p.add_argument("--name", default=None, help="model name in caption records (default: sat-ENCODER-flickr8k-v1)")
     args = p.parse_args(argv)
     try:
-        out = export_model(args.checkpoint, args.output, args.name)
+        out = export_model(list(args.checkpoints), args.output, args.name)
     except (FileNotFoundError, CheckpointError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 1

@@ -74,3 +74,18 @@ def test_wrong_shape_and_wrong_vocabulary(tmp_path) -> None:
     with pytest.raises(CheckpointError, match="vocab_size"):
         Captioner.load(tmp_path / "vocab.pt")
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_average_checkpoints(tmp_path) -> None:
+    from cloud.captioning.checkpoint import average_checkpoints
+
+    save_checkpoint(tmp_path / "a.pt", tiny_checkpoint(seed=1))
+    save_checkpoint(tmp_path / "b.pt", tiny_checkpoint(seed=2))
+    avg = average_checkpoints([tmp_path / "a.pt", tmp_path / "b.pt"])
+    a, b = tiny_checkpoint(seed=1)["decoder"], tiny_checkpoint(seed=2)["decoder"]
+    assert torch.allclose(avg["decoder"]["fc.weight"], (a["fc.weight"] + b["fc.weight"]) / 2)
+    other = tiny_checkpoint()
+    other["word_map"] = {**other["word_map"], "zebra": len(other["word_map"])}
+    save_checkpoint(tmp_path / "c.pt", other)
+    with pytest.raises(CheckpointError, match="differ"):
+        average_checkpoints([tmp_path / "a.pt", tmp_path / "c.pt"])
