@@ -7,11 +7,12 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration lint bench clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
 	@echo "make test    - run the whole test suite (unit + integration, real servers)"
+	@echo "make faults  - fault tests against the real servers; writes docs/faults.md"
 	@echo "make setup   - system packages (as root) and the .venv with every extra"
 	@echo "make lint    - ruff and mypy"
 	@echo "make bench   - benchmarks in bench/"
@@ -39,6 +40,12 @@ test-unit: setup
 
 test-integration: setup
 	$(BIN)/python -m pytest -q -m integration $(PYTEST_ARGS)
+
+# The fault tests (tests/faults, ~6 min: three 30 s outages) and their table in docs/faults.md.
+# FRAMECAP_FAULT_OUTAGE_S=10 shortens the outages for a local run (the table says so).
+faults: setup
+	FRAMECAP_REQUIRE_STACK=1 FRAMECAP_FAULTS_TABLE=docs/faults.md \
+		$(BIN)/python -m pytest -q -s tests/faults $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check edge cloud common tests bench

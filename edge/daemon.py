@@ -81,6 +81,7 @@ class EdgeSummary:
     frames_pending: int = 0
     drained: bool = False
     stopped: bool = False
+    source_ended_early: bool = False  # a video file gave fewer frames than it announced
     error: str | None = None
 
     @property
@@ -257,6 +258,7 @@ class EdgeDaemon:
                 if limit is not None and self._summary.frames_sampled >= limit:
                     logger.info("%s: max_frames=%d sampled; capture ends", self.device_id, limit)
                     break
+            self._summary.source_ended_early = source.ended_early
         except SourceError as err:
             self._summary.error = str(err)
             logger.error("%s", err)

@@ -62,8 +62,10 @@ class FaultRow:
     """One line of the fault table: ``fault | sampled | stored | captioned | duplicates | recovery``.
 
     ``stored``: sampled frames in S3 once with the same bytes; ``captioned``: sampled frames with
-    one caption record, one caption publish and one caption at the edge; ``duplicates``: every
-    second copy anywhere (an extra S3 object, caption publish, caption at the edge or model run);
+    one caption record, published and handled once by the edge; ``duplicates``: every second
+    effect (an extra S3 object or caption record, a caption the edge handled twice, a second
+    model run); ``republished``: caption publishes repeated over MQTT (at least once, QoS 1),
+    which the edge dropped as repeats;
     ``recovery_s``: from the end of the fault until every frame sampled before that end was
     stored and captioned; ``dropped``: frames a full spool dropped (the one loss allowed).
     """
@@ -75,6 +77,7 @@ class FaultRow:
     duplicates: int = 0
     recovery_s: float | None = None
     dropped: int = 0
+    republished: int = 0
     notes: str = ""
     passed: bool = False
 
@@ -92,15 +95,15 @@ class FakeCaptioner:
     """A deterministic, fast stand-in for the model (the model is tested elsewhere).
 
     Captions each RGB uint8 image ``(H, W, 3)`` as ``"frame <sha256 prefix of its pixels>"`` with
-    score -1.0, and counts how often it saw each image (:attr:`seen`), so a test can prove the
-    worker never captioned a frame twice. ``delay_s`` makes each batch take that long.
+    score -1.0, and counts the images it captioned (:attr:`runs`), so a test can prove the
+    worker never ran the model twice on a frame. ``delay_s`` makes each batch take that long.
     """
 
     name = "fault-fake-captioner"
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
-        self.seen: Counter[str] = Counter()
+        self.runs = 0
         self._lock = threading.Lock()
 
     def caption_images(self, images: Sequence[np.ndarray]) -> list[tuple[str, float]]:
@@ -110,14 +113,14 @@ class FakeCaptioner:
         for image in images:
             digest = hashlib.sha256(np.ascontiguousarray(image).tobytes()).hexdigest()
             with self._lock:
-                self.seen[digest] += 1
+                self.runs += 1
             out.append((f"frame {digest[:12]}", -1.0))
         return out
 
-    def twice(self) -> int:
-        """Images captioned more than once (extra runs counted)."""
+    def extra_runs(self, frames: int) -> int:
+        """Model runs beyond one per frame, for ``frames`` frames captioned in all."""
         with self._lock:
-            return sum(n - 1 for n in self.seen.values() if n > 1)
+            return max(0, self.runs - frames)
 
 
 class MessageLog:
@@ -455,14 +458,17 @@ def check_exactly_once(
     if unexpected:
         problems.append(f"{len(unexpected)} frames in S3 that were not sampled or were dropped: "
                         f"{unexpected[:5]}")
+    model_twice = captioner.extra_runs(len(expected)) if captioner is not None else 0
     duplicates = (sum(len(k) - 1 for k in frames.values()) + sum(len(k) - 1 for k in captions.values())
-                  + sum(n - 1 for n in published.values() if n > 1)
-                  + sum(n - 1 for n in at_edge.values() if n > 1)
-                  + (captioner.twice() if captioner is not None else 0))
+                  + sum(n - 1 for n in at_edge.values() if n > 1) + model_twice)
     if duplicates:
-        problems.append(f"{duplicates} duplicates: publishes {dict((k, n) for k, n in published.items() if n > 1)}, "
-                        f"at edge {dict((k, n) for k, n in at_edge.items() if n > 1)}, "
-                        f"model twice {captioner.twice() if captioner else 0}")
+        problems.append(f"{duplicates} duplicates: at the edge "
+                        f"{dict((k, n) for k, n in at_edge.items() if n > 1)}, "
+                        f"model runs beyond one a frame {model_twice}")
+    row.republished = sum(n - 1 for n in published.values() if n > 1)
+    if row.republished:
+        row.notes += (f"{'; ' if row.notes else ''}{row.republished} caption publishes repeated, "
+                      "dropped by the edge")
     row.sampled = len(sampled)
     row.stored = stored
     row.captioned = captioned
