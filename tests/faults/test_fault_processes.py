@@ -202,7 +202,8 @@ def test_worker_sigkill_mid_batch(pipeline: Pipeline, tiny_model: Path,
     assert summary.drained and summary.error is None
     republished = worker.count("publishing it again")
     row.notes = (f"killed with {stored_at_kill - captions_at_kill} of {stored_at_kill} stored "
-                 f"frames uncaptioned, {republished} written but unacknowledged caption(s) "
-                 "republished from the outbox; recovery includes loading the model")
+                 "frames uncaptioned; recovery includes loading the model"
+                 + (f"; {republished} caption(s) written but not acknowledged republished from "
+                    "the outbox" if republished else ""))
     check_exactly_once(row, view=pipeline.view, sampled=edge.record.snapshot(),
                        message_log=pipeline.message_log, edge_captions=edge.captions)
