@@ -14,8 +14,8 @@ replicas never both write it) and, only if this worker wrote it, on
 an empty caption and ``error`` set. S3 outages are logged once and retried until S3 returns.
 
 No caption is lost between S3 and MQTT: before writing a record the worker puts a marker
-``outbox/{caption_key}`` (its body: the worker's client_id) and deletes it only when the broker
-has acknowledged (PUBACK) the caption's publish. A worker killed in between leaves the marker;
+``outbox/{client_id}/{caption_key}`` and deletes it only when the broker has acknowledged
+(PUBACK) the caption's publish (or another replica wrote the record first). A worker killed in between leaves the marker;
 the next listing republishes the record: at once for the worker's own markers after a restart,
 after one more listing interval for another replica's (it may still be publishing). So the
 device gets every caption at least once (a kill right after the PUBACK may repeat one; the
@@ -60,7 +60,7 @@ from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, Topics, parse
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
-OUTBOX_PREFIX = "outbox/"  # outbox/{caption_key}: a caption written but not yet acknowledged
+OUTBOX_PREFIX = "outbox/"  # outbox/{client_id}/{caption_key}: written, publish not acknowledged
 T = TypeVar("T")
 
 
@@ -219,6 +219,8 @@ class CaptionWorker:
         self._outbox_lock = threading.Lock()  # never held while calling paho (its own locks)
         self._outbox_done: queue.Queue[str] = queue.Queue()  # markers whose publish was acked
         self._outbox_seen: set[str] | None = None  # markers of the previous listing
+        # this worker's markers: outbox/{client_id with '/' made safe}/captions/...
+        self._outbox_mine = f"{OUTBOX_PREFIX}{self.client_id.replace('/', '_')}/"
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, mqtt_enabled: bool = True) -> None:
@@ -390,10 +392,14 @@ class CaptionWorker:
         seen = self._outbox_seen or set()
         self._outbox_seen = set()
         for marker in sorted(markers - waiting):
-            if not (marker in seen or (first and self._is_mine(store, marker))):
+            if not (marker in seen or (first and marker.startswith(self._outbox_mine))):
                 self._outbox_seen.add(marker)
                 continue
-            caption_key = marker[len(OUTBOX_PREFIX):]
+            caption_key = marker.split("/", 2)[2] if marker.count("/") >= 2 else ""
+            if not caption_key.startswith("captions/"):
+                logger.error("worker: outbox marker %r names no caption; dropping it", marker[:300])
+                store.delete(marker)
+                continue
             try:
                 body = store.get(caption_key)
                 record = CaptionRecord.from_json(body)
@@ -409,12 +415,6 @@ class CaptionWorker:
                            record.frame_id, record.device_id)
             self._count("republished")
             self._publish_caption(record.device_id, body, marker)
-
-    def _is_mine(self, store: ObjectStore, marker: str) -> bool:
-        try:
-            return store.get(marker).decode(errors="replace") == self.client_id
-        except ObjectNotFoundError:
-            return False
 
     def _bad_key(self, key: str, reason: str) -> None:
         with self._lock:
@@ -575,8 +575,8 @@ class CaptionWorker:
             error=error,
         )
         body = record.to_json()
-        marker = OUTBOX_PREFIX + frame.caption_key
-        self._s3(lambda s: s.put(marker, self.client_id.encode()))
+        marker = self._outbox_mine + frame.caption_key
+        self._s3(lambda s: s.put(marker, b""))
         created = self._s3(
             lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE)
         )

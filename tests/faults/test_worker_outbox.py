@@ -51,7 +51,7 @@ def test_unacknowledged_caption_is_republished_after_a_restart(stack_ns: Any) ->
     first = SilentBroker()
     _worker(stack_ns, first).process_batch([key])
     assert len(first.published) == 1  # published, never acknowledged: the worker "dies"
-    marker = OUTBOX_PREFIX + "captions/cam1/2026/01/31/f-outbox.json"
+    marker = OUTBOX_PREFIX + "worker-outbox-test/captions/cam1/2026/01/31/f-outbox.json"
     assert store.exists(marker)
 
     second = SilentBroker()
