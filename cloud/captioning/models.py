@@ -54,7 +54,8 @@ class ModelArgs:
     attention_dim: int = 512
     embed_dim: int = 512
     decoder_dim: int = 512
-    dropout: float = 0.5
+    dropout: float = 0.5  # before the output layer
+    feature_dropout: float = 0.5  # on the projected encoder features (encoder_proj_dim > 0)
 
     @property
     def encoder_dim(self) -> int:
@@ -229,7 +230,7 @@ class DecoderWithAttention(nn.Module):
         self.feature_dim = feature_dim
         if args.encoder_proj_dim:
             self.encoder_proj: nn.Module = nn.Sequential(
-                nn.Linear(args.encoder_dim, args.encoder_proj_dim), nn.ReLU(), nn.Dropout(args.dropout))
+                nn.Linear(args.encoder_dim, args.encoder_proj_dim), nn.ReLU(), nn.Dropout(args.feature_dropout))
         else:
             self.encoder_proj = nn.Identity()
         self.attention = Attention(feature_dim, args.decoder_dim, args.attention_dim)

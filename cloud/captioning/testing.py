@@ -28,7 +28,7 @@ def tiny_checkpoint(seed: int = 0, encoder: str = "efficientnet_lite0", dim: int
     """A checkpoint dict of a tiny random decoder (dims ``dim``) over the real frozen encoder."""
     word_map = tiny_word_map()
     args = ModelArgs(vocab_size=len(word_map), encoder=encoder, encoded_image_size=encoded_image_size,
-                     encoder_proj_dim=dim, attention_dim=dim, embed_dim=dim, decoder_dim=dim, dropout=0.0)
+                     encoder_proj_dim=dim, attention_dim=dim, embed_dim=dim, decoder_dim=dim, dropout=0.0, feature_dropout=0.0)
     torch.manual_seed(seed)
     decoder = DecoderWithAttention(args)
     return {"decoder": decoder.state_dict(), "model_args": args.to_dict(),

@@ -67,7 +67,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-val", action="store_true", help="skip val decoding (for tests)")
     for name, default in (("encoder", "efficientnet_lite0"), ("encoded-image-size", 7),
                           ("fine-tune-from", -1), ("encoder-proj-dim", 512), ("attention-dim", 512),
-                          ("embed-dim", 512), ("decoder-dim", 512), ("dropout", 0.5)):
+                          ("embed-dim", 512), ("decoder-dim", 512), ("dropout", 0.5),
+                          ("feature-dropout", 0.5)):
         p.add_argument(f"--{name}", type=type(default), default=default, help="model architecture")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR/last.pt exists")
@@ -155,7 +156,8 @@ def build_model(args: argparse.Namespace, vocab_size: int, use_features: bool) -
     model_args = ModelArgs(vocab_size=vocab_size, encoder=args.encoder,
                            encoded_image_size=args.encoded_image_size, fine_tune_from=args.fine_tune_from,
                            encoder_proj_dim=args.encoder_proj_dim, attention_dim=args.attention_dim,
-                           embed_dim=args.embed_dim, decoder_dim=args.decoder_dim, dropout=args.dropout)
+                           embed_dim=args.embed_dim, decoder_dim=args.decoder_dim, dropout=args.dropout,
+                           feature_dropout=args.feature_dropout)
     encoder = None if use_features else Encoder(args.encoder, args.encoded_image_size, args.fine_tune_from)
     return CaptionModel(encoder, DecoderWithAttention(model_args))
 

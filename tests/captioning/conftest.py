@@ -69,7 +69,7 @@ def overfit_model(karpathy: dict, encoder):
         encoder_out = encoder(x).clone()  # (4, 7, 7, 1280)
     torch.manual_seed(0)
     args = ModelArgs(vocab_size=len(word_map), encoder_proj_dim=64, attention_dim=64, embed_dim=32,
-                     decoder_dim=64, dropout=0.0)
+                     decoder_dim=64, dropout=0.0, feature_dropout=0.0)
     decoder = DecoderWithAttention(args)
     encoded = [word_map.encode(t, 50) for t in targets]
     lengths = torch.tensor([len(e) for e in encoded])

@@ -11,7 +11,7 @@ from cloud.captioning.vocab import WordMap
 
 
 def tiny_args(**kw) -> ModelArgs:
-    base = dict(vocab_size=20, encoder_proj_dim=16, attention_dim=8, embed_dim=12, decoder_dim=10, dropout=0.0)
+    base = dict(vocab_size=20, encoder_proj_dim=16, attention_dim=8, embed_dim=12, decoder_dim=10, dropout=0.0, feature_dropout=0.0)
     return ModelArgs(**{**base, **kw})
 
 
