@@ -1,0 +1,109 @@
+"""Access (issue 4, item 3): the edge over TLS, and secrets that never reach a log line."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cloud.ingest import IngestService
+from common.config import EdgeConfig, IngestConfig, SamplingConfig, SpoolConfig
+from edge.daemon import EdgeDaemon
+
+pytestmark = pytest.mark.integration
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _secrets(stack_ns, *users: str) -> list[str]:  # type: ignore[no-untyped-def]
+    """The S3 secret key and MQTT passwords (the access key id is an identifier, not a secret:
+    it travels in every signed request's Authorization header)."""
+    _, secret = stack_ns.stack.s3_credentials()
+    return [secret, *(stack_ns.stack.password(u) for u in users)]
+
+
+def test_edge_connects_over_tls_and_its_frames_are_stored(stack_ns, shared_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    device_id = stack_ns.device("tls")
+    mqtt = stack_ns.mqtt_config(device_id, tls=True)
+    assert mqtt.tls is not None and mqtt.port == stack_ns.stack.mqtt_tls_port
+    ingest = IngestService(
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        client_id=stack_ns.client_id("ingest"),
+    )
+    ingest.start()
+    try:
+        assert ingest.wait_connected(10)
+        config = EdgeConfig(
+            device_id=device_id, source=str(shared_dir / "videos" / "vtest.avi"), max_frames=3,
+            mqtt=mqtt, sampling=SamplingConfig(interval_s=2.0, scene_change=False),
+            spool=SpoolConfig(directory=tmp_path / "spool"), drain_timeout_s=60,
+        )
+        summary = EdgeDaemon(config, print_captions=False).run()
+    finally:
+        ingest.stop()
+    assert summary.drained and summary.frames_acked == 3
+    assert len(list(stack_ns.storage().list_keys(f"frames/{device_id}/"))) == 3
+
+
+def test_secrets_never_appear_in_logs_in_process(stack_ns, shared_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Edge and ingest at DEBUG (paho, boto3 and botocore included): no secret in any record."""
+    device_id = stack_ns.device("logs")
+    caplog.set_level(logging.DEBUG)
+    ingest = IngestService(
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        client_id=stack_ns.client_id("ingest"),
+    )
+    ingest.start()
+    try:
+        assert ingest.wait_connected(10)
+        config = EdgeConfig(
+            device_id=device_id, source=str(shared_dir / "videos" / "vtest.avi"), max_frames=2,
+            mqtt=stack_ns.mqtt_config(device_id),
+            sampling=SamplingConfig(interval_s=2.0, scene_change=False),
+            spool=SpoolConfig(directory=tmp_path / "spool"), drain_timeout_s=60,
+        )
+        assert EdgeDaemon(config, print_captions=False).run().drained
+    finally:
+        ingest.stop()
+    text = caplog.text + repr(config) + repr(ingest.config)
+    assert "frames" in text and device_id in text  # the logs did record the run
+    for secret in _secrets(stack_ns, "ingest", device_id):
+        assert secret not in text
+
+
+def test_ingest_process_takes_secrets_from_the_environment_and_never_logs_them(
+    stack_ns, tmp_path  # type: ignore[no-untyped-def]
+) -> None:
+    """`framecap ingest -v` with a config file that holds no secret: they come from the env."""
+    key_id, secret = stack_ns.stack.s3_credentials()
+    config = {
+        "mqtt": {"host": stack_ns.stack.host, "port": stack_ns.stack.mqtt_port,
+                 "username": "ingest", "topic_prefix": stack_ns.prefix,
+                 "client_id": stack_ns.client_id("ingest")},
+        "s3": {"endpoint_url": stack_ns.stack.s3_endpoint, "bucket": stack_ns.bucket},
+    }
+    path = tmp_path / "ingest.yaml"
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FRAMECAP_", "AWS_"))}
+    env.update(FRAMECAP_MQTT_PASSWORD=stack_ns.stack.password("ingest"),
+               FRAMECAP_S3_ACCESS_KEY_ID=key_id, FRAMECAP_S3_SECRET_ACCESS_KEY=secret)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "ingest", "--config", str(path), "-v"],
+        cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        time.sleep(4.0)  # connect to the broker (CONNACK checks the password) and open S3
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out[-2000:]
+    assert "connected to" in out, out[-2000:]
+    for value in _secrets(stack_ns, "ingest"):
+        assert value not in out
