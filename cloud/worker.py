@@ -30,38 +30,36 @@ import queue
 import sys
 import threading
 import time
-from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Protocol, TypeVar
+from typing import Protocol
 
-import cv2
 import numpy as np
 import paho.mqtt.client as mqtt
 
 from cloud import metrics
-from cloud.ingest import (
+from cloud.outbox import OUTBOX_PREFIX, CaptionOutbox, caption_key_of
+from cloud.service import (
+    CloudService,
+    Stopping,
     add_common_arguments,
     common_overrides,
-    default_client_id,
-    jpeg_dimensions,
     open_store,
     retry_delays,
     run_until_signal,
     setup_logging,
 )
+from cloud.validation import captured_at_from, decode_image
 from common.config import ConfigError, WorkerConfig, load_config
-from common.messages import CaptionRecord, FrameAck, FrameMetadata, MessageError
+from common.messages import CaptionRecord, FrameAck, MessageError
 from common.mqtt import MqttClient
 from common.storage import ObjectNotFoundError, ObjectStore, StorageError, StoredObject
-from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, Topics, parse_frame_key
+from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_key
 
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
-OUTBOX_PREFIX = "outbox/"  # outbox/{client_id}/{caption_key}: written, publish not acknowledged
-T = TypeVar("T")
 
 
 class CaptionerLike(Protocol):
@@ -104,36 +102,6 @@ class _Job:
     score: float | None = None
 
 
-class _Stopping(Exception):
-    """The worker was asked to stop while waiting for S3."""
-
-
-def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Decode image bytes (JPEG, PNG, ... as OpenCV reads them) into RGB uint8 (H, W, 3).
-
-    Raises:
-        ValueError: the bytes are not an image OpenCV can decode, or have too many pixels.
-    """
-    try:
-        width, height = jpeg_dimensions(data)
-    except ValueError:
-        pass  # not a JPEG with a readable header: OpenCV decides (its own pixel limit applies)
-    else:
-        if width * height > max_pixels:
-            raise ValueError(f"image is {width}x{height}, more than {max_pixels} pixels")
-    if not data:
-        raise ValueError("the object is empty")
-    try:
-        bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error as err:
-        raise ValueError(f"OpenCV cannot decode it: {err}") from err
-    if bgr is None or bgr.ndim != 3 or bgr.shape[0] == 0 or bgr.shape[1] == 0:
-        raise ValueError("not an image OpenCV can decode")
-    if bgr.shape[0] * bgr.shape[1] > max_pixels:
-        raise ValueError(f"image is {bgr.shape[1]}x{bgr.shape[0]}, more than {max_pixels} pixels")
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
 def frame_date_error(frame: FrameKey) -> str | None:
     """Why the key's ``YYYY/MM/DD`` is not a calendar date, or None if it is."""
     try:
@@ -141,32 +109,6 @@ def frame_date_error(frame: FrameKey) -> str | None:
     except ValueError as err:
         return f"key date {frame.year:04d}/{frame.month:02d}/{frame.day:02d} is not a date: {err}"
     return None
-
-
-def captured_at_from(metadata: dict[str, str], frame: FrameKey) -> datetime | None:
-    """``captured_at`` from S3 object metadata if present, valid and about this frame."""
-    if not metadata:
-        return None
-    try:
-        meta = FrameMetadata.from_s3_metadata(metadata)
-    except MessageError as err:
-        logger.warning(
-            "worker: frame %s of device %s: ignoring its metadata: %s",
-            frame.frame_id,
-            frame.device_id,
-            err,
-        )
-        return None
-    if (meta.device_id, meta.frame_id) != (frame.device_id, frame.frame_id):
-        logger.warning(
-            "worker: frame %s of device %s: metadata names frame %s of device %s; ignoring it",
-            frame.frame_id,
-            frame.device_id,
-            meta.frame_id,
-            meta.device_id,
-        )
-        return None
-    return meta.captured_at
 
 
 def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
@@ -177,7 +119,7 @@ def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
         return None
 
 
-class CaptionWorker:
+class CaptionWorker(CloudService):
     """Captions frames under ``frames/``; see the module docstring.
 
     Args:
@@ -200,27 +142,20 @@ class CaptionWorker:
         store: ObjectStore | None = None,
         client_id: str | None = None,
     ) -> None:
+        super().__init__(
+            "worker",
+            config.mqtt,
+            store=store,
+            client_id=client_id,
+            s3_errors=metrics.WORKER_S3_ERRORS,
+        )
         self.config = config
-        self.topics = Topics(config.mqtt.topic_prefix)
-        self.client_id = client_id or config.mqtt.client_id or default_client_id("worker")
         self.captioner = captioner
-        self._store = store
-        self._client: MqttClient | None = None
         self._queue: queue.Queue[str] = queue.Queue()
         self._pending: set[str] = set()
         self._bad_keys: set[str] = set()
-        self._lock = threading.Lock()
-        self._counts: Counter[str] = Counter()
-        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._s3_down_since: float | None = None
-        self._outbox_by_mid: dict[int, str] = {}  # publish mid -> its outbox marker key
-        self._early_pubacks: set[int] = set()  # PUBACKs that came before the mid was recorded
-        self._outbox_lock = threading.Lock()  # never held while calling paho (its own locks)
-        self._outbox_done: queue.Queue[str] = queue.Queue()  # markers whose publish was acked
-        self._outbox_seen: set[str] | None = None  # markers of the previous listing
-        # this worker's markers: outbox/{client_id with '/' made safe}/captions/...
-        self._outbox_mine = f"{OUTBOX_PREFIX}{self.client_id.replace('/', '_')}/"
+        self._outbox = CaptionOutbox(self.client_id)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, mqtt_enabled: bool = True) -> None:
@@ -262,29 +197,13 @@ class CaptionWorker:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
-        if self._client is not None:
-            self._client.stop()
-        logger.info("worker %s: stopped; %s", self.client_id, self.counters)
-
-    def wait_connected(self, timeout: float | None = None) -> bool:
-        """True once connected to the broker (within ``timeout`` seconds)."""
-        return self._client is not None and self._client.wait_connected(timeout)
-
-    @property
-    def counters(self) -> dict[str, int]:
-        """A snapshot of the counters (see the class docstring)."""
-        with self._lock:
-            return dict(self._counts)
+        self._disconnect()
 
     @property
     def backlog(self) -> int:
         """Frames queued or in the current batch."""
         with self._lock:
             return len(self._pending)
-
-    def _count(self, name: str, n: int = 1) -> None:
-        with self._lock:
-            self._counts[name] += n
 
     # -- finding frames --------------------------------------------------------------------
     def request(self, key: str) -> bool:
@@ -336,67 +255,34 @@ class CaptionWorker:
     # -- the outbox ----------------------------------------------------------------------
     def _on_published(self, mid: int) -> None:
         """MQTT network thread: a publish was acknowledged; its marker can go (batch thread)."""
-        with self._outbox_lock:
-            marker = self._outbox_by_mid.pop(mid, None)
-            if marker is None:
-                self._early_pubacks.add(mid)
-        if marker is not None:
-            self._outbox_done.put(marker)
+        self._outbox.acknowledged(mid)
 
     def _publish_caption(self, device_id: str, body: bytes, marker: str) -> None:
         """Publish a caption record at QoS 1; its outbox marker is deleted on the PUBACK."""
         if self._client is None:  # no MQTT (batch use): nothing to wait for
-            self._outbox_done.put(marker)
+            self._outbox.done(marker)
             return
         info = self._client.publish(self.topics.captions(device_id), body, qos=1)
-        with self._outbox_lock:  # the PUBACK may have come before publish() returned
-            if info.mid in self._early_pubacks:
-                self._early_pubacks.discard(info.mid)
-                acked = True
-            else:
-                self._outbox_by_mid[info.mid] = marker
-                acked = False
-        if acked:
-            self._outbox_done.put(marker)
+        self._outbox.published(info.mid, marker)
 
     def _await_pubacks(self, timeout_s: float) -> None:
         """Wait (at most ``timeout_s``, not while disconnected) for the PUBACKs of the captions
         published so far, so their outbox markers go now, not a batch later."""
         deadline = time.monotonic() + timeout_s
         while self._client is not None and self._client.is_connected and time.monotonic() < deadline:
-            with self._outbox_lock:
-                if not self._outbox_by_mid:
-                    return
+            if not self._outbox.waiting():
+                return
             time.sleep(0.005)
 
     def _clear_outbox(self) -> None:
-        """Delete the markers of acknowledged publishes (batch thread; a failure only means a
-        repeated caption later)."""
-        store = self._require_store()
-        while True:
-            try:
-                marker = self._outbox_done.get_nowait()
-            except queue.Empty:
-                return
-            try:
-                store.delete(marker)
-            except StorageError as err:
-                logger.warning("worker: outbox marker %s not deleted: %s", marker, err)
+        """Delete the markers of acknowledged publishes (batch thread)."""
+        self._outbox.clear(self._require_store())
 
     def _republish_outbox(self, store: ObjectStore) -> None:
-        """Republish records whose publish was never acknowledged (see the module docstring)."""
-        markers = set(store.list_keys(OUTBOX_PREFIX))
-        with self._outbox_lock:
-            waiting = set(self._outbox_by_mid.values())
-        first = self._outbox_seen is None
-        seen = self._outbox_seen or set()
-        self._outbox_seen = set()
-        for marker in sorted(markers - waiting):
-            if not (marker in seen or (first and marker.startswith(self._outbox_mine))):
-                self._outbox_seen.add(marker)
-                continue
-            caption_key = marker.split("/", 2)[2] if marker.count("/") >= 2 else ""
-            if not caption_key.startswith("captions/"):
+        """Republish records whose publish was never acknowledged (see cloud/outbox.py)."""
+        for marker in self._outbox.due(set(store.list_keys(OUTBOX_PREFIX))):
+            caption_key = caption_key_of(marker)
+            if not caption_key:
                 logger.error("worker: outbox marker %r names no caption; dropping it", marker[:300])
                 store.delete(marker)
                 continue
@@ -466,7 +352,7 @@ class CaptionWorker:
                 continue
             try:
                 self.process_batch(keys)
-            except _Stopping:
+            except Stopping:
                 return
             except Exception:  # noqa: BLE001 - one bad batch must never stop the worker
                 logger.exception(
@@ -480,7 +366,7 @@ class CaptionWorker:
         """Caption ``keys`` (``frames/...``) and write and publish their records.
 
         Raises:
-            _Stopping: :meth:`stop` was called while S3 was down.
+            Stopping: :meth:`stop` was called while S3 was down.
         """
         jobs = [job for job in (self._prepare(key) for key in keys) if job is not None]
         ready = [job for job in jobs if job.image is not None]
@@ -499,14 +385,14 @@ class CaptionWorker:
             self._bad_key(key, str(err))
             return None
         job = _Job(key, frame)
-        if self._s3(lambda s: s.exists(frame.caption_key)):
+        if self._s3(lambda s: s.exists(frame.caption_key), f"looking for {frame.caption_key}"):
             self._count("skipped")
             metrics.WORKER_FRAMES.labels("skipped").inc()
             return None
         job.error = frame_date_error(frame)
         if job.error is not None:
             return job
-        found = self._s3(lambda s: _get_or_none(s, key))
+        found = self._s3(lambda s: _get_or_none(s, key), f"reading {key}")
         if found is None:
             logger.warning(
                 "worker: frame %s of device %s: %s vanished", frame.frame_id, frame.device_id, key
@@ -575,16 +461,17 @@ class CaptionWorker:
             error=error,
         )
         body = record.to_json()
-        marker = self._outbox_mine + frame.caption_key
-        self._s3(lambda s: s.put(marker, b""))
+        marker = self._outbox.marker(frame.caption_key)
+        self._s3(lambda s: s.put(marker, b""), f"writing {marker}")
         created = self._s3(
-            lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE)
+            lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE),
+            f"writing {frame.caption_key}",
         )
         result = "skipped" if not created else ("error" if error else "captioned")
         self._count({"skipped": "skipped", "error": "errors", "captioned": "captioned"}[result])
         metrics.WORKER_FRAMES.labels(result).inc()
         if not created:
-            self._s3(lambda s: s.delete(marker))
+            self._s3(lambda s: s.delete(marker), f"deleting {marker}")
             logger.info(
                 "worker: frame %s of device %s: caption already written",
                 frame.frame_id,
@@ -608,44 +495,6 @@ class CaptionWorker:
                 record.score,
             )
         self._publish_caption(frame.device_id, body, marker)
-
-    # -- S3 with retries -------------------------------------------------------------------
-    def _require_store(self) -> ObjectStore:
-        if self._store is None:
-            raise RuntimeError("start() opens the store")
-        return self._store
-
-    def _s3(self, call: Callable[[ObjectStore], T]) -> T:
-        """``call(store)``, retried with backoff while S3 fails.
-
-        Raises:
-            _Stopping: :meth:`stop` was called before S3 answered.
-        """
-        store = self._require_store()
-        for delay in retry_delays():
-            try:
-                result = call(store)
-            except StorageError as err:
-                self._s3_failed("captioning", err)
-                if self._stop.wait(delay):
-                    raise _Stopping from err
-                continue
-            if self._s3_down_since is not None:
-                logger.warning(
-                    "worker: S3 is back after %.1f s", time.monotonic() - self._s3_down_since
-                )
-                self._s3_down_since = None
-            return result
-        raise AssertionError("retry_delays() never ends")  # pragma: no cover
-
-    def _s3_failed(self, doing: str, err: Exception) -> None:
-        self._count("s3_errors")
-        metrics.WORKER_S3_ERRORS.inc()
-        if self._s3_down_since is None:
-            self._s3_down_since = time.monotonic()
-            logger.error("worker: S3 unavailable while %s: %s; retrying", doing, err)
-        else:
-            logger.debug("worker: S3 still unavailable: %s", err)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

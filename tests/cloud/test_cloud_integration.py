@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 from cloud_fakes import IMAGES, jpeg_bytes
 
-from cloud.ingest import IngestService, jpeg_dimensions
+from cloud.ingest import IngestService
+from cloud.validation import jpeg_dimensions
 from cloud.worker import CaptionWorker
 from common.config import IngestConfig, WorkerConfig
 from common.messages import CaptionRecord, FrameAck, FrameMetadata

@@ -7,7 +7,8 @@ import threading
 import pytest
 from cloud_fakes import FakeMqtt, FakeStore, jpeg_bytes, metadata_for
 
-from cloud.ingest import IngestService, _Inbound, _Stopping
+from cloud.ingest import IngestService, _Inbound
+from cloud.service import Stopping as _Stopping
 from common.config import IngestConfig
 from common.messages import FrameAck
 

@@ -9,7 +9,7 @@ from cloud_fakes import jpeg_bytes, metadata_for
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cloud.ingest import InvalidFrame, jpeg_dimensions, validate_frame
+from cloud.validation import InvalidFrame, jpeg_dimensions, validate_frame
 from common.topics import Topics
 
 TOPICS = Topics()

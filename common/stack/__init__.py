@@ -1,0 +1,84 @@
+"""The local stack: mosquitto (MQTT) and SeaweedFS (S3) on 127.0.0.1, under one state directory.
+
+``framecap stack up|down|status|add-device|env`` and the :class:`LocalStack` Python API (used by
+the tests' fixtures and by ``framecap demo``). Flags and timings: ../shared/LOCAL-STACK.md.
+
+mosquitto runs with our generated config: a listener on 127.0.0.1 and a free port (plus an
+optional TLS listener), persistence on, ``max_queued_messages`` raised, and access control:
+``allow_anonymous false``, a password file (PBKDF2-SHA512 ``$7$`` hashes, as ``mosquitto_passwd``
+writes them) and an ACL file. Accounts:
+
+| account | may publish | may subscribe |
+| --- | --- | --- |
+| ``admin`` | everything | everything |
+| ``ingest`` | ``P/+/acks`` | ``P/+/frames``, ``P/+/status`` |
+| ``worker`` | ``P/+/captions`` | ``P/+/acks`` (the ingest's acks tell it of new frames) |
+| device ``D`` | ``P/D/frames``, ``P/D/status`` | ``P/D/acks``, ``P/D/captions`` |
+
+``P`` is the topic prefix; by default the ACL accepts any one-level prefix (``+``), so tests can
+give each test its own prefix; device isolation holds under every prefix. A denied publish is
+dropped silently by mosquitto; a subscription is granted (mosquitto 2.0) but the ACL is
+applied to every message delivered, so a device never receives another device's messages.
+
+SeaweedFS is one ``weed server -s3`` process with an identities file, so S3 keys are checked.
+Secrets are generated into ``STATE/secrets`` (mode 0700, files 0600) and never printed by
+``up`` or ``status``.
+
+State directory layout::
+
+    stack.json                       endpoints, ports, PIDs, paths (no secrets)
+    secrets/mqtt-accounts.json       {user: {"password", "role"}}
+    secrets/s3-credentials.json      {"access_key_id", "secret_access_key"}
+    secrets/s3-identities.json       SeaweedFS -s3.config
+    mosquitto/mosquitto.conf, passwd, acl, data/, mosquitto.log, tls/
+    seaweedfs/data/, tmp/, weed.log
+
+Modules: :mod:`~common.stack.process` (processes, ports, :class:`StackError`),
+:mod:`~common.stack.state` (the state directory), :mod:`~common.stack.mosquitto`,
+:mod:`~common.stack.seaweedfs`, :mod:`~common.stack.local` (:class:`LocalStack`) and
+:mod:`~common.stack.cli` (``framecap stack``).
+"""
+
+from common.stack.cli import get_args_parser, main
+from common.stack.local import LocalStack
+from common.stack.mosquitto import (
+    acl_text,
+    find_mosquitto,
+    mosquitto_conf_text,
+    mosquitto_password_hash,
+    mqtt_connack,
+)
+from common.stack.process import (
+    GRPC_OFFSET,
+    HOST,
+    StackError,
+    pick_port,
+    pid_alive,
+    port_is_free,
+)
+from common.stack.seaweedfs import PROBE_KEY, find_weed, weed_command
+from common.stack.state import DEFAULT_BUCKET, DEFAULT_STATE_DIR, ROLES, STATE_VERSION
+
+__all__ = [
+    "DEFAULT_BUCKET",
+    "DEFAULT_STATE_DIR",
+    "GRPC_OFFSET",
+    "HOST",
+    "PROBE_KEY",
+    "ROLES",
+    "STATE_VERSION",
+    "LocalStack",
+    "StackError",
+    "acl_text",
+    "find_mosquitto",
+    "find_weed",
+    "get_args_parser",
+    "main",
+    "mosquitto_conf_text",
+    "mosquitto_password_hash",
+    "mqtt_connack",
+    "pick_port",
+    "pid_alive",
+    "port_is_free",
+    "weed_command",
+]

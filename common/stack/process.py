@@ -1,0 +1,146 @@
+"""Processes, ports and files of the local stack: :class:`StackError`, free ports, PID checks
+and :class:`_Service`, one server process that the stack started."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+HOST = "127.0.0.1"
+GRPC_OFFSET = 10000  # SeaweedFS listens for gRPC on each port + 10000
+
+
+class StackError(RuntimeError):
+    """The local stack cannot start, stop or be found; the message says which part and why."""
+
+
+def port_is_free(port: int, host: str = HOST) -> bool:
+    """True if a TCP listener could bind ``host:port`` now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def pick_port(*, grpc_too: bool = False, taken: Iterable[int] = (), host: str = HOST) -> int:
+    """A free TCP port on ``host`` (20000..39999); with ``grpc_too`` port + 10000 is free as well.
+
+    Raises:
+        StackError: no free port after many tries.
+    """
+    avoid = set(taken)
+    for _ in range(500):
+        port = random.randint(20000, 39999)
+        wanted = [port, port + GRPC_OFFSET] if grpc_too else [port]
+        if any(p in avoid for p in wanted):
+            continue
+        if all(port_is_free(p, host) for p in wanted):
+            return port
+    raise StackError(f"no free TCP port found on {host}")
+
+
+def _cmdline(pid: int) -> str | None:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+
+
+def pid_alive(pid: int | None, needle: str | None = None) -> bool:
+    """True if ``pid`` runs (not a zombie) and, when ``needle`` is given, its command line
+    contains it (so a PID reused by another program after a reboot is not ours)."""
+    if not pid:
+        return False
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        try:
+            os.kill(pid, 0)
+        except OSError:
+            return False
+        return True
+    if state in ("Z", "X"):
+        return False
+    if needle is not None:
+        cmd = _cmdline(pid)
+        return cmd is not None and needle in cmd
+    return True
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write a file readable by its owner only (0600), atomically."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    """The last ``lines`` lines of a log file, or ``(no log)``."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+@dataclass
+class _Service:
+    """One process of the stack: how to recognise it and how it was started."""
+
+    name: str
+    needle: str  # a string in its command line that only our instance has
+    log: Path
+    pid: int | None = None
+    proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
+
+    def running(self) -> bool:
+        if self.proc is not None and self.proc.poll() is not None:
+            return False
+        return pid_alive(self.pid, self.needle)
+
+    def signal(self, sig: int) -> None:
+        if self.running() and self.pid:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, sig)
+
+    def wait_gone(self, timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc is not None:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    self.proc.wait(timeout=0.05)
+            if not self.running():
+                return True
+            time.sleep(0.05)
+        return not self.running()
+
+    def stop(self, sig: int, timeout_s: float) -> float:
+        """Send ``sig``; SIGKILL after ``timeout_s``. Returns the seconds it took."""
+        t0 = time.monotonic()
+        if not self.running():
+            return 0.0
+        self.signal(sig)
+        if not self.wait_gone(timeout_s):
+            logger.info("%s (pid %s) still running %.0f s after signal %d: SIGKILL",
+                        self.name, self.pid, timeout_s, sig)
+            self.signal(signal.SIGKILL)
+            self.wait_gone(10.0)
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=1)
+        return time.monotonic() - t0
