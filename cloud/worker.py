@@ -10,8 +10,9 @@ One thread batches keys (at most ``batch_size``, waiting at most ``max_wait_s`` 
 first) through ``Captioner.caption_images`` (batched beam search). Each frame's record goes to
 ``captions/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.json`` with ``If-None-Match: *`` (two
 replicas never both write it) and, only if this worker wrote it, on
-``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object gets a record with
-an empty caption and ``error`` set. S3 outages are logged once and retried until S3 returns.
+``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object, or a key whose
+``YYYY/MM/DD`` is no calendar date, gets a record with an empty caption and ``error`` set.
+S3 outages are logged once and retried until S3 returns.
 
 No caption is lost between S3 and MQTT: before writing a record the worker puts a marker
 ``outbox/{client_id}/{caption_key}`` and deletes it only when the broker has acknowledged
@@ -32,7 +33,7 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import datetime
 from typing import Protocol
 
 import numpy as np
@@ -100,15 +101,6 @@ class _Job:
     error: str | None = None
     caption: str = ""
     score: float | None = None
-
-
-def frame_date_error(frame: FrameKey) -> str | None:
-    """Why the key's ``YYYY/MM/DD`` is not a calendar date, or None if it is."""
-    try:
-        datetime(frame.year, frame.month, frame.day, tzinfo=timezone.utc)
-    except ValueError as err:
-        return f"key date {frame.year:04d}/{frame.month:02d}/{frame.day:02d} is not a date: {err}"
-    return None
 
 
 def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
@@ -240,8 +232,8 @@ class CaptionWorker(CloudService):
         for key in store.list_keys(FRAMES_PREFIX):
             if key.endswith("/") or key in self._bad_keys:
                 continue
-            try:
-                frame = parse_frame_key(key)
+            try:  # an impossible date still names a caption key: it gets an error record
+                frame = parse_frame_key(key, check_date=False)
             except InvalidIdError as err:
                 self._bad_key(key, str(err))
                 continue
@@ -380,7 +372,7 @@ class CaptionWorker(CloudService):
     def _prepare(self, key: str) -> _Job | None:
         """Parse, check and fetch one frame; None when there is nothing to do."""
         try:
-            frame = parse_frame_key(key)
+            frame = parse_frame_key(key, check_date=False)
         except InvalidIdError as err:
             self._bad_key(key, str(err))
             return None
@@ -389,7 +381,7 @@ class CaptionWorker(CloudService):
             self._count("skipped")
             metrics.WORKER_FRAMES.labels("skipped").inc()
             return None
-        job.error = frame_date_error(frame)
+        job.error = frame.date_error()
         if job.error is not None:
             return job
         found = self._s3(lambda s: _get_or_none(s, key), f"reading {key}")

@@ -1,14 +1,23 @@
 """Typed, validated configuration: one YAML file per process (edge, ingest, worker).
 
 Each section is a pydantic model with ``extra="forbid"`` and a description on every field, so a
-typo is refused instead of ignored. Secrets (MQTT password, S3 keys) may be left out of the file
-and come from the environment:
+typo is refused instead of ignored. Secrets (MQTT password, S3 keys) and the endpoints may be
+left out of the file and come from the environment (``framecap stack env`` prints these exports
+for the local stack); a value in the file or on the command line wins over the environment:
 
-| field | environment variable |
-| --- | --- |
-| ``mqtt.password`` | ``FRAMECAP_MQTT_PASSWORD`` |
-| ``s3.access_key_id`` | ``FRAMECAP_S3_ACCESS_KEY_ID``, else ``AWS_ACCESS_KEY_ID`` |
-| ``s3.secret_access_key`` | ``FRAMECAP_S3_SECRET_ACCESS_KEY``, else ``AWS_SECRET_ACCESS_KEY`` |
+| field | environment variable | default without it |
+| --- | --- | --- |
+| ``mqtt.host`` | ``FRAMECAP_MQTT_HOST`` | ``127.0.0.1`` |
+| ``mqtt.port`` | ``FRAMECAP_MQTT_PORT`` | ``1883`` |
+| ``mqtt.username`` | ``FRAMECAP_MQTT_USERNAME`` | none |
+| ``mqtt.password`` | ``FRAMECAP_MQTT_PASSWORD`` | none |
+| ``s3.endpoint_url`` | ``FRAMECAP_S3_ENDPOINT_URL`` | none (AWS) |
+| ``s3.bucket`` | ``FRAMECAP_S3_BUCKET`` | ``framecap`` |
+| ``s3.access_key_id`` | ``FRAMECAP_S3_ACCESS_KEY_ID``, else ``AWS_ACCESS_KEY_ID`` | none |
+| ``s3.secret_access_key`` | ``FRAMECAP_S3_SECRET_ACCESS_KEY``, else ``AWS_SECRET_ACCESS_KEY`` | none |
+
+An empty variable counts as unset. A value from the environment is validated like one from the
+file (``FRAMECAP_MQTT_PORT=abc`` is a config error, not ignored).
 
 :func:`load_config` reads a file and raises :class:`ConfigError` whose message names the key, the
 value and why; the CLIs print it and exit with status 2. ``--validate-config`` checks and exits.
@@ -46,6 +55,11 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_default=True)
 
 
+def _env(name: str, default: Any = None) -> Any:
+    """``$name`` if set and not empty, else ``default`` (validated by the field either way)."""
+    return os.environ.get(name) or default
+
+
 def _env_secret(*names: str) -> SecretStr | None:
     for name in names:
         value = os.environ.get(name)
@@ -72,11 +86,22 @@ class TlsConfig(Section):
 class MqttConfig(Section):
     """Connection to the MQTT broker (MQTT v5)."""
 
-    host: str = Field(default="127.0.0.1", description="Broker host name or address.")
-    port: int = Field(default=1883, ge=1, le=65535, description="Broker TCP port.")
+    host: str = Field(
+        default_factory=lambda: _env("FRAMECAP_MQTT_HOST", "127.0.0.1"),
+        description="Broker host name or address; default from $FRAMECAP_MQTT_HOST, else 127.0.0.1.",
+    )
+    port: int = Field(
+        default_factory=lambda: _env("FRAMECAP_MQTT_PORT", 1883),
+        ge=1,
+        le=65535,
+        description="Broker TCP port; default from $FRAMECAP_MQTT_PORT, else 1883.",
+    )
     topic_prefix: str = Field(default="framecap", description="First topic level(s) of every topic.")
     client_id: str | None = Field(default=None, description="MQTT client_id; derived from the role and device when empty.")
-    username: str | None = Field(default=None, description="Broker user name, if the broker checks one.")
+    username: str | None = Field(
+        default_factory=lambda: _env("FRAMECAP_MQTT_USERNAME"),
+        description="Broker user name, if the broker checks one; default from $FRAMECAP_MQTT_USERNAME.",
+    )
     password: SecretStr | None = Field(
         default_factory=lambda: _env_secret("FRAMECAP_MQTT_PASSWORD"),
         description="Broker password; default from $FRAMECAP_MQTT_PASSWORD. Never logged.",
@@ -93,7 +118,10 @@ class MqttConfig(Section):
     def _check(self) -> MqttConfig:
         validate_prefix(self.topic_prefix)
         if self.password is not None and self.username is None:
-            raise ValueError("a password is set (in the file or $FRAMECAP_MQTT_PASSWORD) but no username")
+            raise ValueError(
+                "a password is set (in the file or $FRAMECAP_MQTT_PASSWORD) "
+                "but no username (in the file or $FRAMECAP_MQTT_USERNAME)"
+            )
         if self.reconnect_max_s < self.reconnect_min_s:
             raise ValueError("reconnect_max_s must be >= reconnect_min_s")
         return self
@@ -102,8 +130,16 @@ class MqttConfig(Section):
 class S3Config(Section):
     """Connection to the S3 bucket (AWS S3, SeaweedFS, MinIO, Ceph RGW)."""
 
-    endpoint_url: str | None = Field(default=None, description="S3 endpoint, e.g. http://127.0.0.1:8333; AWS when empty.")
-    bucket: str = Field(default="framecap", min_length=3, max_length=63, description="Bucket name.")
+    endpoint_url: str | None = Field(
+        default_factory=lambda: _env("FRAMECAP_S3_ENDPOINT_URL"),
+        description="S3 endpoint, e.g. http://127.0.0.1:8333; default from $FRAMECAP_S3_ENDPOINT_URL; AWS when empty.",
+    )
+    bucket: str = Field(
+        default_factory=lambda: _env("FRAMECAP_S3_BUCKET", "framecap"),
+        min_length=3,
+        max_length=63,
+        description="Bucket name; default from $FRAMECAP_S3_BUCKET, else framecap.",
+    )
     region: str = Field(default="us-east-1", description="S3 region.")
     access_key_id: SecretStr | None = Field(
         default_factory=lambda: _env_secret("FRAMECAP_S3_ACCESS_KEY_ID", "AWS_ACCESS_KEY_ID"),

@@ -124,18 +124,22 @@ class FrameMetadata(_Message):
     def from_flat(cls, flat: Mapping[str, str]) -> FrameMetadata:
         """Decode the string pairs of :meth:`flat`.
 
+        The schema version is checked first: a message of another version is reported as
+        such, not by the fields this version has and it lacks.
+
         Raises:
-            MessageError: a missing field, an unknown schema version or an invalid value.
+            MessageError: an unknown schema version, a missing field or an invalid value.
         """
+        schema = flat.get("schema")
+        if schema is not None and schema != str(SCHEMA_VERSION):
+            raise MessageError(
+                f"unknown frame metadata schema version {schema[:16]!r} "
+                f"(this code speaks {SCHEMA_VERSION})"
+            )
         known = {"schema", "device-id", "frame-id", "captured-at", "seq", "width", "height", "sha256"}
         missing = sorted(known - set(flat))
         if missing:
             raise MessageError(f"frame metadata lacks {', '.join(missing)}")
-        if flat["schema"] != str(SCHEMA_VERSION):
-            raise MessageError(
-                f"unknown frame metadata schema version {flat['schema']!r} "
-                f"(this code speaks {SCHEMA_VERSION})"
-            )
         return _validate(
             cls,
             {

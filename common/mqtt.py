@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from common.config import MqttConfig
 
@@ -91,8 +92,11 @@ class MqttClient:
         client.manual_ack_set(manual_ack)
         client.max_inflight_messages_set(100)
         client.max_queued_messages_set(0)  # unbounded in memory; durability is the spool's job
+        # paho annotates the delays as int, but _reconnect_wait works in float seconds: pass
+        # floats so reconnect_min_s = 0.5 waits 0.5 s, not 1 s.
         client.reconnect_delay_set(
-            max(1, int(config.reconnect_min_s)), max(1, int(config.reconnect_max_s))
+            config.reconnect_min_s,  # type: ignore[arg-type]
+            config.reconnect_max_s,  # type: ignore[arg-type]
         )
         if config.username is not None:
             password = config.password.get_secret_value() if config.password else None
@@ -196,7 +200,14 @@ class MqttClient:
             logger.warning("mqtt %s: ack of mid %d not sent (%s)", self.client_id, mid, rc)
 
     # -- paho callbacks (never raise) ----------------------------------------------------
-    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         try:
             if reason_code.is_failure:
                 self.last_connack_failure = str(reason_code)
@@ -227,7 +238,14 @@ class MqttClient:
         except Exception:  # noqa: BLE001 - a callback must never break paho's loop
             logger.exception("mqtt %s: error in connect handling", self.client_id)
 
-    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_disconnect(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        flags: mqtt.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         try:
             was = self._connected.is_set()
             self._connected.clear()
@@ -240,14 +258,21 @@ class MqttClient:
         except Exception:  # noqa: BLE001
             logger.exception("mqtt %s: error in disconnect handling", self.client_id)
 
-    def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:  # type: ignore[no-untyped-def]
+    def _on_publish(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
         try:
             for callback in list(self._publish_callbacks):
                 callback(mid)
         except Exception:  # noqa: BLE001
             logger.exception("mqtt %s: error in publish handling (mid %s)", self.client_id, mid)
 
-    def _on_message(self, client, userdata, message: mqtt.MQTTMessage) -> None:  # type: ignore[no-untyped-def]
+    def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
             subs = list(self._subscriptions.items())
         for topic_filter, (_, handler) in subs:

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import date, datetime, timezone
 
 FRAMES = "frames"
 ACKS = "acks"
@@ -173,6 +173,14 @@ class FrameKey:
     day: int
     frame_id: str
 
+    def date_error(self) -> str | None:
+        """Why the key's ``YYYY/MM/DD`` is not a calendar date (month 13, February 30), or None."""
+        try:
+            date(self.year, self.month, self.day)
+        except ValueError as err:
+            return f"key date {self.year:04d}/{self.month:02d}/{self.day:02d} is not a date: {err}"
+        return None
+
     @property
     def caption_key(self) -> str:
         """The matching ``captions/...json`` key."""
@@ -182,21 +190,30 @@ class FrameKey:
         )
 
 
-def parse_frame_key(key: str) -> FrameKey:
+def parse_frame_key(key: str, *, check_date: bool = True) -> FrameKey:
     """Parse ``frames/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.jpg``.
 
+    ``check_date=False`` accepts a ``YYYY/MM/DD`` that is no calendar date (the caption worker
+    still derives the caption key, to write an error record there; see
+    :meth:`FrameKey.date_error`).
+
     Raises:
-        InvalidIdError: if the key does not follow the contract or holds an unsafe id.
+        InvalidIdError: if the key does not follow the contract, holds an unsafe id or (with
+            ``check_date``) an impossible date such as month 13 or February 30.
     """
     m = _FRAME_KEY_RE.match(key)
     if not m:
         raise InvalidIdError(
             f"object key {key!r} is not frames/{{device_id}}/YYYY/MM/DD/{{frame_id}}.jpg"
         )
-    return FrameKey(
+    frame = FrameKey(
         device_id=validate_id(m["device_id"], "device_id"),
         year=int(m["year"]),
         month=int(m["month"]),
         day=int(m["day"]),
         frame_id=validate_id(m["frame_id"], "frame_id"),
     )
+    error = frame.date_error() if check_date else None
+    if error is not None:
+        raise InvalidIdError(f"object key {key!r}: {error}")
+    return frame

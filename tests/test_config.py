@@ -110,6 +110,28 @@ def test_secrets_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> N
         parse_config(IngestConfig, {})  # a password from the environment needs a user name
 
 
+def test_endpoints_come_from_the_environment_as_stack_env_exports_them(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("FRAMECAP_MQTT_HOST", "broker.example")
+    monkeypatch.setenv("FRAMECAP_MQTT_PORT", "18830")
+    monkeypatch.setenv("FRAMECAP_MQTT_USERNAME", "ingest")
+    monkeypatch.setenv("FRAMECAP_S3_ENDPOINT_URL", "http://127.0.0.1:18333")
+    monkeypatch.setenv("FRAMECAP_S3_BUCKET", "from-env")
+    config = load_config(IngestConfig, None)
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.username) == ("broker.example", 18830, "ingest")
+    assert (config.s3.endpoint_url, config.s3.bucket) == ("http://127.0.0.1:18333", "from-env")
+    path = _write(tmp_path, "mqtt:\n  host: file-host\n  port: 1884\ns3:\n  bucket: from-file\n")
+    config = load_config(IngestConfig, path, {"mqtt.username": "cli-user"})
+    assert (config.mqtt.host, config.mqtt.port, config.mqtt.username) == ("file-host", 1884, "cli-user")
+    assert (config.s3.endpoint_url, config.s3.bucket) == ("http://127.0.0.1:18333", "from-file")
+    monkeypatch.setenv("FRAMECAP_MQTT_PORT", "")  # empty counts as unset
+    assert load_config(IngestConfig, None).mqtt.port == 1883
+    monkeypatch.setenv("FRAMECAP_MQTT_PORT", "not-a-port")
+    with pytest.raises(ConfigError, match="not-a-port"):
+        load_config(IngestConfig, None)
+
+
 def test_file_secret_wins_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FRAMECAP_MQTT_PASSWORD", "env-password")
     config = MqttConfig(username="u", password="file-password")  # type: ignore[arg-type]

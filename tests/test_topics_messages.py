@@ -129,6 +129,17 @@ def test_bad_frame_keys_are_refused(key: str) -> None:
         parse_frame_key(key)
 
 
+@pytest.mark.parametrize("key", [
+    "frames/cam1/2026/13/01/f.jpg", "frames/cam1/2026/02/30/f.jpg", "frames/cam1/2026/00/10/f.jpg",
+    "frames/cam1/2025/02/29/f.jpg", "frames/cam1/2026/04/31/f.jpg", "frames/cam1/0000/01/01/f.jpg",
+])
+def test_impossible_dates_in_frame_keys_are_refused(key: str) -> None:
+    with pytest.raises(InvalidIdError, match="not a date"):
+        parse_frame_key(key)
+    assert parse_frame_key(key, check_date=False).date_error() is not None
+    assert parse_frame_key("frames/cam1/2024/02/29/f.jpg").date_error() is None  # a leap day
+
+
 # --- messages -----------------------------------------------------------------------------
 
 
@@ -165,6 +176,14 @@ def test_bad_frame_metadata_is_refused_with_the_field(change: dict[str, str], re
     props.update(change)
     with pytest.raises(MessageError, match=reason):
         FrameMetadata.from_user_properties(list(props.items()))
+
+
+def test_an_unknown_schema_version_is_reported_before_missing_fields() -> None:
+    v2 = [("fc-schema", "2"), ("fc-device-id", "cam1"), ("fc-frame-id", "f1")]  # other fields
+    with pytest.raises(MessageError, match="schema version '2'"):
+        FrameMetadata.from_user_properties(v2)
+    with pytest.raises(MessageError, match="schema version"):
+        FrameMetadata.from_s3_metadata({"schema": "2"})
 
 
 def test_missing_repeated_or_absent_properties_are_refused() -> None:
