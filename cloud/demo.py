@@ -23,6 +23,7 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from common.config import (
     EdgeConfig,
@@ -33,6 +34,11 @@ from common.config import (
 )
 from common.messages import CaptionRecord
 from common.topics import CAPTIONS_PREFIX, FRAMES_PREFIX, validate_id
+
+if TYPE_CHECKING:  # imported when the demo runs: edge and cloud pull in OpenCV, boto3, torch
+    from cloud.service import Service
+    from common.storage import ObjectStore
+    from edge.daemon import EdgeDaemon, EdgeSummary
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +83,8 @@ def _print_caption(record: CaptionRecord) -> None:
     print(f"[{when} UTC] {record.frame_id}: {text}", flush=True)
 
 
-def _count(store: object, prefix: str) -> int:
-    return sum(1 for _ in store.list_keys(prefix))  # type: ignore[attr-defined]
+def _count(store: ObjectStore, prefix: str) -> int:
+    return sum(1 for _ in store.list_keys(prefix))
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, object]:
@@ -105,7 +111,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
     stack.up()
     print(f"MQTT mqtt://{stack.host}:{stack.mqtt_port}  S3 {stack.s3_endpoint}  "
           f"bucket {stack.bucket}", flush=True)
-    services: list[object] = []
+    services: list[Service] = []
     try:
         ingest = IngestService(IngestConfig(mqtt=stack.mqtt_config("ingest"), s3=stack.s3_config()))
         ingest.start()
@@ -137,24 +143,24 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
         }
     finally:
         for service in reversed(services):
-            service.stop()  # type: ignore[attr-defined]
+            service.stop()
         if args.keep_stack:
             print(f"stack left running: framecap stack down --state-dir {stack.state_dir}")
         else:
             stack.down()
 
 
-def _run_edge(edge: object) -> object:
-    """Run the edge on this thread; Ctrl-C asks it to stop cleanly."""
-    result: list[object] = []
-    thread = threading.Thread(target=lambda: result.append(edge.run()), name="edge")  # type: ignore[attr-defined]
+def _run_edge(edge: EdgeDaemon) -> EdgeSummary:
+    """Run the edge on another thread; Ctrl-C (on this one) asks it to stop cleanly."""
+    result: list[EdgeSummary] = []
+    thread = threading.Thread(target=lambda: result.append(edge.run()), name="edge")
     thread.start()
     try:
         while thread.is_alive():
             thread.join(0.2)
     except KeyboardInterrupt:
         print("stopping ...", flush=True)
-        edge.request_stop()  # type: ignore[attr-defined]
+        edge.request_stop()
         thread.join()
     return result[0]
 
