@@ -30,7 +30,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="val")
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-caption-length", type=int, default=30)
-    p.add_argument("--length-penalty", type=float, default=0.0, help="rank by logp / len**a (0: off)")
+    p.add_argument("--length-penalty", type=float, default=None,
+                   help="rank finished captions by logp / len**a (0: off; default: the model's own)")
     p.add_argument("--limit", type=int, default=None, help="first N images of the split")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--device", default="auto")
@@ -57,7 +58,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     check_images(images, args.image_dir, decode=False)
     captioner = Captioner.load(args.model, device=args.device, beam_size=args.beam_size,
                                max_caption_length=args.max_caption_length)
-    captioner.length_penalty = args.length_penalty
+    if args.length_penalty is not None:
+        captioner.length_penalty = args.length_penalty
     captioner.batch_size = args.batch_size
     t0 = time.time()
     hypotheses = caption_split(captioner, [i.filename for i in images], args.image_dir, args.batch_size)

@@ -22,9 +22,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("checkpoints", type=Path, nargs="+", help="one checkpoint, or several to average")
     p.add_argument("--output", type=Path, required=True)
     p.add_argument("--name", default=None, help="model name in caption records (default: sat-ENCODER-flickr8k-v1)")
+    p.add_argument("--length-penalty", type=float, default=0.0,
+                   help="decoding default stored in the model: rank captions by logp / len**a")
     args = p.parse_args(argv)
     try:
-        out = export_model(list(args.checkpoints), args.output, args.name)
+        out = export_model(list(args.checkpoints), args.output, args.name, args.length_penalty)
     except (FileNotFoundError, CheckpointError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 1

@@ -43,7 +43,7 @@ class Captioner:
 
     def __init__(self, ckpt: dict[str, Any], *, device: str = "auto", beam_size: int = 3,
                  max_caption_length: int = 30, source: str = "checkpoint",
-                 pretrained_encoder: bool = True, length_penalty: float = 0.0,
+                 pretrained_encoder: bool = True, length_penalty: float | None = None,
                  batch_size: int = 32) -> None:
         if beam_size < 1 or max_caption_length < 1:
             raise ValueError("beam_size and max_caption_length must be >= 1")
@@ -56,7 +56,8 @@ class Captioner:
         self.name: str = str(ckpt.get("name") or model_name(self.model_args))
         self.beam_size = beam_size
         self.max_caption_length = max_caption_length
-        self.length_penalty = length_penalty
+        # the checkpoint may carry the decoding setting it was tuned with (export --length-penalty)
+        self.length_penalty = float(ckpt.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
         self.batch_size = batch_size
 
     @classmethod

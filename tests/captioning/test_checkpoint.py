@@ -31,11 +31,11 @@ def test_export_is_fp16_and_loads(tmp_path, real_images) -> None:
     ckpt = tiny_checkpoint(seed=1)
     ckpt.update(optimizer={}, epoch=4, metrics=[{"epoch": 4, "val_bleu4": 0.1}])
     save_checkpoint(tmp_path / "train.pt", ckpt)
-    out = export_model(tmp_path / "train.pt", tmp_path / "model.pt", name="sat-test-v9")
+    out = export_model(tmp_path / "train.pt", tmp_path / "model.pt", name="sat-test-v9", length_penalty=0.7)
     assert all(v.dtype == torch.float16 for v in out["decoder"].values() if v.is_floating_point())
     assert "optimizer" not in read_checkpoint(tmp_path / "model.pt")
     captioner = Captioner.load(tmp_path / "model.pt", device="cpu", max_caption_length=5)
-    assert captioner.name == "sat-test-v9"
+    assert captioner.name == "sat-test-v9" and captioner.length_penalty == 0.7
     (caption, score), = captioner.caption_images(real_images[:1])
     assert isinstance(caption, str) and score <= 0
 
