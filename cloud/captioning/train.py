@@ -29,10 +29,11 @@ from torch import nn
 from cloud.captioning.checkpoint import read_checkpoint, save_checkpoint
 from cloud.captioning.data import BucketBatchSampler, CaptionDataset, collate_captions
 from cloud.captioning.models import DecoderWithAttention, Encoder, ModelArgs
+from cloud.captioning.scst import END_WORD, CiderD, scst_batches, train_one_epoch_scst
 from cloud.captioning.train_utils import (
     CaptionModel,
     plot_metrics,
-    val_bleu4,
+    val_scores,
     write_metrics_csv,
 )
 
@@ -70,6 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                           ("embed-dim", 512), ("decoder-dim", 512), ("dropout", 0.5),
                           ("feature-dropout", 0.5)):
         p.add_argument(f"--{name}", type=type(default), default=default, help="model architecture")
+    p.add_argument("--init-from", type=Path, default=None,
+                   help="start from this checkpoint's or exported model's decoder weights and model args "
+                        "(e.g. a cross-entropy model before --scst); the architecture options are ignored")
+    p.add_argument("--scst", action="store_true",
+                   help="self-critical sequence training with a CIDEr-D reward (Rennie et al. 2017) "
+                        "instead of cross-entropy; needs cached features and usually --init-from")
+    p.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image (SCST)")
+    p.add_argument("--scst-max-len", type=int, default=20, help="most sampled words per caption (SCST)")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR/last.pt exists")
     p.add_argument("--seed", type=int, default=42)
@@ -152,7 +161,22 @@ def feature_batches(dataset: CaptionDataset, sampler: BucketBatchSampler):
         yield dataset.features[images], captions, lengths, image_index  # features (n_images, P, E)
 
 
-def build_model(args: argparse.Namespace, vocab_size: int, use_features: bool) -> CaptionModel:
+def build_model(args: argparse.Namespace, vocab_size: int, use_features: bool,
+                init: dict | None = None) -> CaptionModel:
+    """The model of the CLI's architecture options, or of ``init``'s model_args and decoder
+    weights (a checkpoint dict from ``--init-from``)."""
+    if init is not None:
+        model_args = ModelArgs.from_dict(dict(init["model_args"]))
+        if model_args.vocab_size != vocab_size:
+            raise ValueError(f"--init-from model has vocab_size {model_args.vocab_size}, the data {vocab_size}")
+        args.fine_tune_from = model_args.fine_tune_from
+        decoder = DecoderWithAttention(model_args)
+        decoder.load_state_dict({k: v.float() for k, v in init["decoder"].items()})
+        encoder = None if use_features else Encoder(model_args.encoder, model_args.encoded_image_size,
+                                                     model_args.fine_tune_from)
+        if encoder is not None and init.get("encoder"):
+            encoder.backbone.load_state_dict({k: v.float() for k, v in init["encoder"].items()})
+        return CaptionModel(encoder, decoder)
     model_args = ModelArgs(vocab_size=vocab_size, encoder=args.encoder,
                            encoded_image_size=args.encoded_image_size, fine_tune_from=args.fine_tune_from,
                            encoder_proj_dim=args.encoder_proj_dim, attention_dim=args.attention_dim,
@@ -211,7 +235,15 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     train_ds = CaptionDataset(args.data_dir, "train", use_features, preprocess, args.limit_images)
     val_ds = None if args.no_val else CaptionDataset(args.data_dir, "val", use_features, preprocess, args.val_limit)
     word_map = train_ds.word_map
-    model = build_model(args, len(word_map), use_features).to(device)
+    init = None
+    if args.init_from is not None:
+        init = read_checkpoint(args.init_from)
+        if init["word_map"] != word_map.to_dict():
+            raise ValueError(f"{args.init_from}: its word map differs from {args.data_dir}/word_map.json")
+        logger.info("starting from the weights of %s", args.init_from)
+    if args.scst and not use_features:
+        raise ValueError("--scst needs cached features ('framecap data prepare --cache-features') and a frozen encoder")
+    model = build_model(args, len(word_map), use_features, init).to(device)
     optimizer = make_optimizer(model, args)
     state: dict[str, Any] = {"epoch": 0, "best_bleu4": -1.0, "since_best": 0, "metrics": []}
     ckpt = load_resume(args)
@@ -232,28 +264,42 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     if not use_features:
         loader = torch.utils.data.DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate_captions,
                                              num_workers=args.workers)
-    logger.info("train: %d captions, %d steps/epoch x %d processes; vocab %d; device %s; features cached: %s",
-                len(train_ds), len(sampler), world, len(word_map), device, use_features)
+    logger.info("train: %d captions, %d steps/epoch x %d processes; vocab %d; device %s; features cached: %s%s",
+                len(train_ds), len(sampler), world, len(word_map), device, use_features,
+                f"; SCST, {args.scst_samples} samples per image" if args.scst else "")
+    cider = None
+    if args.scst:
+        cider = CiderD([[f"{r} {END_WORD}" for r in refs] for refs in train_ds.references])
     started = time.time()
     for epoch in range(state["epoch"], args.epochs):
         t0 = time.time()
         sampler.set_epoch(epoch)
-        batches = loader if loader is not None else feature_batches(train_ds, sampler)
-        stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank)
-        bleu, samples = -1.0, list[str]()
+        if cider is not None:
+            stats = train_one_epoch_scst(model, scst_batches(train_ds, sampler), optimizer, cider, word_map,
+                                         args.scst_samples, args.scst_max_len, args.grad_clip, epoch, rank,
+                                         world, args.max_steps)
+            stats["top5"] = float("nan")
+        else:
+            batches = loader if loader is not None else feature_batches(train_ds, sampler)
+            stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank)
+        bleu, cider_val, samples = -1.0, -1.0, list[str]()
         if rank == 0 and val_ds is not None:
-            bleu, samples = val_bleu4(model, val_ds, args.val_beam_size, args.max_caption_length, device)
+            bleu, cider_val, samples = val_scores(model, val_ds, args.val_beam_size, args.max_caption_length, device)
         bleu = all_reduce_sum([bleu if rank == 0 else 0.0], device, world)[0]
         improved = bleu > state["best_bleu4"]
         state["since_best"] = 0 if improved else state["since_best"] + 1
         state["best_bleu4"] = max(bleu, state["best_bleu4"])
         lr = optimizer.param_groups[0]["lr"]
         row = {"epoch": epoch + 1, "loss": round(stats["loss"], 4), "top5": round(stats["top5"], 4),
-               "val_bleu4": round(bleu, 4), "lr": lr, "epoch_s": round(time.time() - t0, 1)}
+               "val_bleu4": round(bleu, 4), "val_cider": round(cider_val, 4), "lr": lr, "epoch_s": round(time.time() - t0, 1)}
+        if "reward" in stats:
+            row["reward"] = round(stats["reward"], 4)
         state["metrics"].append(row)
         state["epoch"] = epoch + 1
-        logger.info("epoch %d: loss %.4f top-5 %.4f val BLEU-4 %.4f lr %.2e time %.0fs%s", epoch + 1,
-                    stats["loss"], stats["top5"], bleu, lr, row["epoch_s"], " (best)" if improved else "")
+        what = (f"SCST loss {stats['loss']:.4f} mean sample CIDEr-D {stats['reward']:.4f}" if "reward" in stats
+                else f"loss {stats['loss']:.4f} top-5 {stats['top5']:.4f}")
+        logger.info("epoch %d: %s val BLEU-4 %.4f CIDEr %.4f lr %.2e time %.0fs%s", epoch + 1,
+                    what, bleu, cider_val, lr, row["epoch_s"], " (best)" if improved else "")
         decay_lr(optimizer, args, state, epoch + 1)
         if rank == 0:
             save_run(args, model, optimizer, state, word_map, improved, samples)

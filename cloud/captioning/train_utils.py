@@ -53,17 +53,24 @@ def decode_split(model: CaptionModel, dataset: CaptionDataset, beam_size: int, m
     return hypotheses, dataset.references[:n]
 
 
-def val_bleu4(model: CaptionModel, dataset: CaptionDataset, beam_size: int, max_len: int,
-              device: torch.device, limit: int | None = None) -> tuple[float, list[str]]:
+def val_scores(model: CaptionModel, dataset: CaptionDataset, beam_size: int, max_len: int,
+               device: torch.device, limit: int | None = None) -> tuple[float, float, list[str]]:
+    """Decode the val images; returns corpus BLEU-4, CIDEr-D (pycocoevalcap on the Karpathy
+    tokens, no PTB) and the captions."""
+    from pycocoevalcap.cider.cider import Cider
+
     hypotheses, references = decode_split(model, dataset, beam_size, max_len, device, limit)
-    return bleu4(references, hypotheses), hypotheses
+    cider, _ = Cider().compute_score({i: r for i, r in enumerate(references)},
+                                     {i: [h] for i, h in enumerate(hypotheses)})
+    return bleu4(references, hypotheses), float(cider), hypotheses
 
 
 def write_metrics_csv(path: Path, rows: list[dict]) -> None:
     if not rows:
         return
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        fieldnames = list(dict.fromkeys(k for row in rows for k in row))  # union, first-seen order
+        writer = csv.DictWriter(f, fieldnames=fieldnames, restval="")
         writer.writeheader()
         writer.writerows(rows)
 

@@ -109,8 +109,11 @@ class _Service:
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def running(self) -> bool:
-        if self.proc is not None and self.proc.poll() is not None:
-            return False
+        if self.proc is not None:
+            # Our own child: poll() is the truth. Its command line is not checked, because
+            # between fork and exec it is still Python's (that race made a healthy start
+            # look like "exited at start" on a loaded machine).
+            return self.proc.poll() is None and pid_alive(self.proc.pid)
         return pid_alive(self.pid, self.needle)
 
     def signal(self, sig: int) -> None:
