@@ -44,6 +44,7 @@ def main() -> None:
     decoder.eval()
     data = CaptionDataset(args.data_dir, args.split, use_features=True, limit_images=args.limit)
     features = data.features.float()  # (n, num_pixels, encoder_dim)
+    baseline_ms = None  # the first variant, measured in this run, is the baseline of the ratios
     for beam in args.beams:
         for lp in args.length_penalties:
             t0 = time.time()
@@ -53,9 +54,12 @@ def main() -> None:
             seconds = time.time() - t0
             captions = [" ".join(word_map.decode(h.tokens)) for h in hyps]
             mean_len = sum(len(c.split()) for c in captions) / len(captions)
+            ms = 1000 * seconds / len(captions)
+            baseline_ms = baseline_ms or ms
             print(json.dumps({"beam": beam, "length_penalty": lp, "bleu4": round(bleu4(data.references, captions), 4),
                               "cider": round(cider(data.references, captions), 4), "mean_words": round(mean_len, 2),
-                              "ms_per_image": round(1000 * seconds / len(captions), 2)}), flush=True)
+                              "ms_per_image": round(ms, 2),
+                              "time_ratio_vs_first": round(ms / baseline_ms, 2)}), flush=True)
 
 
 if __name__ == "__main__":

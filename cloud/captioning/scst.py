@@ -203,13 +203,15 @@ def scst_batches(dataset, sampler):
 
 def train_one_epoch_scst(model, batches, optimizer, cider: CiderD, word_map: WordMap,
                          samples_per_image: int, max_len: int, grad_clip: float, epoch: int,
-                         rank: int, world: int = 1, max_steps: int = 0) -> dict[str, float]:
+                         rank: int, world: int = 1, max_steps: int = 0,
+                         sample_dropout: bool = False) -> dict[str, float]:
     """One SCST pass over the train images; returns the mean policy loss and mean sample reward
     (CIDEr-D, ``<end>`` counted as a word). With several processes the gradients are averaged
-    with ``all_reduce`` (sampling runs outside DDP's forward)."""
+    with ``all_reduce`` (sampling runs outside DDP's forward). Dropout stays off while sampling
+    unless ``sample_dropout``, so the policy trained is the one that decodes at test time."""
     from tqdm import tqdm
 
-    model.train()
+    model.train(sample_dropout)
     decoder = model.module.decoder if hasattr(model, "module") else model.decoder
     device = next(decoder.parameters()).device
     loss_sum, reward_sum, n_steps, n_samples = 0.0, 0.0, 0, 0

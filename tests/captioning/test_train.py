@@ -67,4 +67,8 @@ def test_torchrun_two_processes_matches_one_process(data_dir, tmp_path) -> None:
     fresh = DecoderWithAttention(ModelArgs.from_dict(read_checkpoint(tmp_path / "one" / "last.pt")["model_args"]))
     assert not torch.allclose(one["fc.weight"], fresh.fc.weight)  # the steps did train
     for name, weight in one.items():
+        if name == "attention.full_att.bias":
+            # softmax ignores a shift of all scores, so this bias's true gradient is 0: what
+            # it gets is float noise, and Adam turns noise of either sign into a full step.
+            continue
         assert torch.allclose(weight, two[name], atol=1e-5, rtol=1e-4), name
