@@ -9,7 +9,9 @@ The caption is the complete hypothesis with the best score (summed log-probabili
 by ``length**length_penalty`` when ``length_penalty > 0``). An image's result does not depend
 on the other images in the batch; ``tests/captioning/test_beam_search.py`` checks that.
 
-Beam size 1 is greedy decoding.
+Beam size 1 is greedy decoding. ``no_repeat_ngram_size=N`` forbids a word that would repeat
+an n-gram of N words already in the hypothesis (as ``no_repeat_ngram_size`` in Hugging Face
+``generate``, after fairseq), e.g. "a dog playing with a dog" with N=2.
 """
 
 from __future__ import annotations
@@ -41,10 +43,26 @@ def _ranking(h: Hypothesis, length_penalty: float) -> float:
     return h.score / float(len(h.tokens) + 1) ** length_penalty
 
 
+def _repeat_bans(seqs: torch.Tensor, size: int) -> list[tuple[int, int]]:
+    """(row, word) pairs that would repeat an n-gram of ``size`` words in ``seqs`` (rows, t)."""
+    if size < 1 or seqs.size(1) < size:
+        return []
+    bans = []
+    for row, seq in enumerate(seqs[:, 1:].tolist()):  # without <start>
+        if len(seq) < size - 1:
+            continue
+        prefix = tuple(seq[len(seq) - size + 1:]) if size > 1 else ()
+        for i in range(len(seq) - size + 1):
+            if tuple(seq[i:i + size - 1]) == prefix:
+                bans.append((row, seq[i + size - 1]))
+    return bans
+
+
 @torch.inference_mode()
 def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_map: WordMap,
                 beam_size: int = 3, max_len: int = 30, length_penalty: float = 0.0,
-                return_alphas: bool = False, allow_unk: bool = False) -> list[Hypothesis]:
+                return_alphas: bool = False, allow_unk: bool = False,
+                no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
     """Decode a batch of images with beam search.
 
     Args:
@@ -57,6 +75,7 @@ def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_m
             score / (words + 1) ** a.
         return_alphas: keep each word's attention weights (for visualisation).
         allow_unk: let captions contain <unk>.
+        no_repeat_ngram_size: N > 0 forbids repeating any n-gram of N words (0: off).
 
     Returns:
         one Hypothesis per image, in input order.
@@ -82,6 +101,8 @@ def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_m
         state, alpha = decoder.step(embedded, state)  # alpha (n*k, num_pixels)
         logp = F.log_softmax(decoder.fc(state.h), dim=1)  # (n*k, vocab_size)
         logp[:, banned] = float("-inf")
+        for row, word in _repeat_bans(seqs, no_repeat_ngram_size):
+            logp[row, word] = float("-inf")
         if step == max_len + 1:  # only <end> may follow the last word
             end_logp = logp[:, word_map.end].clone()
             logp.fill_(float("-inf"))

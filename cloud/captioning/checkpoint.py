@@ -96,7 +96,8 @@ def average_checkpoints(paths: list[str | Path]) -> dict[str, Any]:
 
 
 def export_model(checkpoint_path: str | Path | list[str | Path], out_path: str | Path,
-                 name: str | None = None, length_penalty: float = 0.0) -> dict:
+                 name: str | None = None, length_penalty: float = 0.0,
+                 no_repeat_ngram_size: int = 0) -> dict:
     """Write a small inference checkpoint (float16 decoder, model_args, word_map, name, metrics).
 
     Several checkpoint paths: their decoder weights are averaged first (average_checkpoints).
@@ -114,7 +115,8 @@ def export_model(checkpoint_path: str | Path | list[str | Path], out_path: str |
         "metrics": ckpt.get("metrics", []),
         "epoch": ckpt.get("epoch", -1),
         "averaged_from": ckpt.get("averaged_from", []),
-        "length_penalty": float(length_penalty),  # the decoding default of Captioner
+        "length_penalty": float(length_penalty),  # the decoding defaults of Captioner
+        "no_repeat_ngram_size": int(no_repeat_ngram_size),
     }
     if ckpt.get("encoder"):
         out["encoder"] = {k: v.half() if v.is_floating_point() else v for k, v in ckpt["encoder"].items()}

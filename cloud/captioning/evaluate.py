@@ -32,6 +32,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-caption-length", type=int, default=30)
     p.add_argument("--length-penalty", type=float, default=None,
                    help="rank finished captions by logp / len**a (0: off; default: the model's own)")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=None,
+                   help="forbid repeating an n-gram of N words (0: off; default: the model's own)")
     p.add_argument("--limit", type=int, default=None, help="first N images of the split")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch")
     p.add_argument("--device", default="auto")
@@ -60,6 +62,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
                                max_caption_length=args.max_caption_length)
     if args.length_penalty is not None:
         captioner.length_penalty = args.length_penalty
+    if args.no_repeat_ngram_size is not None:
+        captioner.no_repeat_ngram_size = args.no_repeat_ngram_size
     captioner.batch_size = args.batch_size
     t0 = time.time()
     hypotheses = caption_split(captioner, [i.filename for i in images], args.image_dir, args.batch_size)

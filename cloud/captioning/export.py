@@ -21,12 +21,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m cloud.captioning.export", description=__doc__.split("\n")[0])
     p.add_argument("checkpoints", type=Path, nargs="+", help="one checkpoint, or several to average")
     p.add_argument("--output", type=Path, required=True)
-    p.add_argument("--name", default=None, help="model name in caption records (default: sat-ENCODER-flickr8k-v1)")
+    p.add_argument("--name", default=None, help="model name in caption records (default: sat-ENCODER-flickr8k-v1; the committed model is -v2)")
     p.add_argument("--length-penalty", type=float, default=0.0,
                    help="decoding default stored in the model: rank captions by logp / len**a")
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0,
+                   help="decoding default stored in the model: forbid repeating an n-gram of N words (0: off)")
     args = p.parse_args(argv)
     try:
-        out = export_model(list(args.checkpoints), args.output, args.name, args.length_penalty)
+        out = export_model(list(args.checkpoints), args.output, args.name, args.length_penalty,
+                           args.no_repeat_ngram_size)
     except (FileNotFoundError, CheckpointError) as err:
         print(f"export: {err}", file=sys.stderr)
         return 1

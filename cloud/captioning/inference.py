@@ -36,15 +36,16 @@ class Captioner:
     """A loaded captioning model.
 
     Attributes:
-        name: the model name written in caption records, e.g. "sat-efficientnet_lite0-flickr8k-v1".
-        beam_size, max_caption_length, length_penalty: decoding settings (see beam_search).
+        name: the model name written in caption records, e.g. "sat-efficientnet_lite0-flickr8k-v2".
+        beam_size, max_caption_length, length_penalty, no_repeat_ngram_size: decoding settings
+            (see beam_search); the last two default to the values stored in the checkpoint.
         batch_size: images per encoder/beam-search batch.
     """
 
     def __init__(self, ckpt: dict[str, Any], *, device: str = "auto", beam_size: int = 3,
                  max_caption_length: int = 30, source: str = "checkpoint",
                  pretrained_encoder: bool = True, length_penalty: float | None = None,
-                 batch_size: int = 32) -> None:
+                 batch_size: int = 32, no_repeat_ngram_size: int | None = None) -> None:
         if beam_size < 1 or max_caption_length < 1:
             raise ValueError("beam_size and max_caption_length must be >= 1")
         self.device = resolve_device(device)
@@ -58,6 +59,8 @@ class Captioner:
         self.max_caption_length = max_caption_length
         # the checkpoint may carry the decoding setting it was tuned with (export --length-penalty)
         self.length_penalty = float(ckpt.get("length_penalty", 0.0) if length_penalty is None else length_penalty)
+        self.no_repeat_ngram_size = int(ckpt.get("no_repeat_ngram_size", 0)
+                                        if no_repeat_ngram_size is None else no_repeat_ngram_size)
         self.batch_size = batch_size
 
     @classmethod
@@ -93,7 +96,8 @@ class Captioner:
         for start in range(0, len(images), self.batch_size):
             encoder_out = self.encode(images[start:start + self.batch_size])
             out += beam_search(self.decoder, encoder_out, self.word_map, self.beam_size,
-                               self.max_caption_length, self.length_penalty, return_alphas)
+                               self.max_caption_length, self.length_penalty, return_alphas,
+                               no_repeat_ngram_size=self.no_repeat_ngram_size)
         return out
 
     def caption_images(self, images: Sequence[np.ndarray]) -> list[tuple[str, float]]:

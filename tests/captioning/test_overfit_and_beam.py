@@ -50,3 +50,29 @@ def test_beam_search_never_emits_special_tokens(overfit_model, encoder, real_ima
         encoder_out = encoder(encoder.preprocess(real_images[:4]))
     for hyp in beam_search(decoder, encoder_out, word_map, beam_size=4, max_len=8):
         assert not {word_map.pad, word_map.start, word_map.unk, word_map.end} & set(hyp.tokens)
+
+
+def test_repeat_bans_finds_the_word_that_would_repeat_an_ngram() -> None:
+    from cloud.captioning.beam_search import _repeat_bans
+
+    seqs = torch.tensor([[1, 5, 6, 7, 5], [1, 5, 6, 5, 6]])  # <start>=1; "a dog b a", "a dog a dog"
+    assert _repeat_bans(seqs, 2) == [(0, 6), (1, 5)]  # "a dog" again; "dog a" again
+    assert _repeat_bans(seqs, 3) == [(1, 5)]  # "a dog a" again
+    assert _repeat_bans(seqs, 0) == []
+
+
+@pytest.mark.parametrize("size", [2, 3])
+def test_no_repeat_ngram_blocks_repeats_and_batched_equals_single(real_images, size) -> None:
+    from cloud.captioning.inference import DEFAULT_MODEL_PATH, Captioner
+
+    if not DEFAULT_MODEL_PATH.is_file():
+        pytest.skip("no committed default model")
+    captioner = Captioner.load(None, device="cpu", beam_size=3)
+    encoder_out = captioner.encode(real_images)
+    batched = beam_search(captioner.decoder, encoder_out, captioner.word_map, 3, 30, no_repeat_ngram_size=size)
+    singles = [beam_search(captioner.decoder, encoder_out[i:i + 1], captioner.word_map, 3, 30,
+                           no_repeat_ngram_size=size)[0] for i in range(len(real_images))]
+    assert [h.tokens for h in batched] == [h.tokens for h in singles]
+    for h in batched:
+        grams = [tuple(h.tokens[i:i + size]) for i in range(len(h.tokens) - size + 1)]
+        assert len(grams) == len(set(grams)), h.tokens
