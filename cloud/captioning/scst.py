@@ -192,6 +192,19 @@ def scst_loss(log_probs: torch.Tensor, mask: torch.Tensor, rewards: torch.Tensor
     return loss, advantage
 
 
+def sentence_bleu4(references: Sequence[Sequence[str]], images: Sequence[int],
+                   candidates: Sequence[str]) -> np.ndarray:
+    """Sentence-level BLEU-4 of ``candidates[i]`` against ``references[images[i]]``, with
+    pycocoevalcap's ``BleuScorer`` (closest reference length, its tiny smoothing): (len,)."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+
+    scorer = BleuScorer(n=4)
+    for image, candidate in zip(images, candidates, strict=True):
+        scorer += (candidate, list(references[image]))
+    _, per_order = scorer.compute_score(option="closest", verbose=0)
+    return np.asarray(per_order[3], dtype=np.float64)
+
+
 def scst_batches(dataset, sampler):
     """Per step: cached features (n_images, P, E) and the image indices (n_images,) of the
     sampler's caption batch (each image once, whatever its number of captions in the batch)."""
@@ -204,11 +217,14 @@ def scst_batches(dataset, sampler):
 def train_one_epoch_scst(model, batches, optimizer, cider: CiderD, word_map: WordMap,
                          samples_per_image: int, max_len: int, grad_clip: float, epoch: int,
                          rank: int, world: int = 1, max_steps: int = 0,
-                         sample_dropout: bool = False) -> dict[str, float]:
+                         sample_dropout: bool = False, bleu_weight: float = 0.0,
+                         references: Sequence[Sequence[str]] | None = None) -> dict[str, float]:
     """One SCST pass over the train images; returns the mean policy loss and mean sample reward
     (CIDEr-D, ``<end>`` counted as a word). With several processes the gradients are averaged
     with ``all_reduce`` (sampling runs outside DDP's forward). Dropout stays off while sampling
-    unless ``sample_dropout``, so the policy trained is the one that decodes at test time."""
+    unless ``sample_dropout``, so the policy trained is the one that decodes at test time.
+    ``bleu_weight`` > 0 adds that times the sentence BLEU-4 (against ``references``, without
+    ``<end>``) to the reward."""
     from tqdm import tqdm
 
     model.train(sample_dropout)
@@ -223,7 +239,11 @@ def train_one_epoch_scst(model, batches, optimizer, cider: CiderD, word_map: Wor
                                                   samples_per_image, max_len)
         captions = reward_words(tokens, word_map)
         image_rows = images.repeat_interleave(samples_per_image).tolist()
-        rewards = torch.from_numpy(cider.scores(image_rows, captions)).float().to(device)  # (n*k,)
+        reward = cider.scores(image_rows, captions)  # (n*k,)
+        if bleu_weight > 0 and references is not None:
+            plain = [c.removesuffix(END_WORD).strip() for c in captions]
+            reward = reward + bleu_weight * sentence_bleu4(references, image_rows, plain)
+        rewards = torch.from_numpy(reward).float().to(device)  # (n*k,)
         loss, _ = scst_loss(log_probs, mask, rewards, samples_per_image)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

@@ -79,6 +79,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "instead of cross-entropy; needs cached features and usually --init-from")
     p.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image (SCST)")
     p.add_argument("--scst-max-len", type=int, default=20, help="most sampled words per caption (SCST)")
+    p.add_argument("--scst-bleu-weight", type=float, default=0.0,
+                   help="SCST reward = CIDEr-D + this x sentence BLEU-4 (default 0: CIDEr-D only)")
     p.add_argument("--scst-sample-dropout", action="store_true",
                    help="keep dropout on while sampling (SCST; default off: sample the test-time policy)")
     p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
@@ -279,7 +281,8 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
         if cider is not None:
             stats = train_one_epoch_scst(model, scst_batches(train_ds, sampler), optimizer, cider, word_map,
                                          args.scst_samples, args.scst_max_len, args.grad_clip, epoch, rank,
-                                         world, args.max_steps, args.scst_sample_dropout)
+                                         world, args.max_steps, args.scst_sample_dropout,
+                                         args.scst_bleu_weight, train_ds.references)
             stats["top5"] = float("nan")
         else:
             batches = loader if loader is not None else feature_batches(train_ds, sampler)

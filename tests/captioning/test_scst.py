@@ -11,7 +11,7 @@ import torch
 from cloud.captioning import train
 from cloud.captioning.checkpoint import read_checkpoint
 from cloud.captioning.models import DecoderWithAttention, ModelArgs
-from cloud.captioning.scst import CiderD, reward_words, sample_captions, scst_loss
+from cloud.captioning.scst import CiderD, reward_words, sample_captions, scst_loss, sentence_bleu4
 from cloud.captioning.vocab import WordMap
 
 from .test_train import TINY, data_dir  # noqa: F401  (fixture)
@@ -38,6 +38,12 @@ def test_cider_d_ranks_a_reference_above_an_unrelated_caption() -> None:
                     ["two children play in the snow", "kids playing in snow"]])
     own, other = cider.scores([0, 0], ["a dog running on the grass", "two children play in the snow"])
     assert own > 1.0 > other
+
+
+def test_sentence_bleu4_is_one_for_a_reference_and_near_zero_for_an_unrelated_caption() -> None:
+    refs = [["a dog runs on the grass", "a brown dog running in a field"], ["kids playing in snow"]]
+    scores = sentence_bleu4(refs, [0, 0, 1], ["a dog runs on the grass", "a cat sits", "kids playing in snow"])
+    assert scores[0] == pytest.approx(1.0) and scores[1] < 1e-6 and scores[2] > 0.5
 
 
 def test_scst_loss_uses_the_mean_of_the_other_samples_as_baseline() -> None:
