@@ -301,7 +301,7 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             row["reward"] = round(stats["reward"], 4)
         state["metrics"].append(row)
         state["epoch"] = epoch + 1
-        what = (f"SCST loss {stats['loss']:.4f} mean sample CIDEr-D {stats['reward']:.4f}" if "reward" in stats
+        what = (f"SCST loss {stats['loss']:.4f} mean sample reward {stats['reward']:.4f}" if "reward" in stats
                 else f"loss {stats['loss']:.4f} top-5 {stats['top5']:.4f}")
         logger.info("epoch %d: %s val BLEU-4 %.4f CIDEr %.4f lr %.2e time %.0fs%s", epoch + 1,
                     what, bleu, cider_val, lr, row["epoch_s"], " (best)" if improved else "")
