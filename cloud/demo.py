@@ -83,8 +83,9 @@ def _print_caption(record: CaptionRecord) -> None:
     print(f"[{when} UTC] {record.frame_id}: {text}", flush=True)
 
 
-def _count(store: ObjectStore, prefix: str) -> int:
-    return sum(1 for _ in store.list_keys(prefix))
+def _count(store: ObjectStore, prefix: str, frame_ids: set[str]) -> int:
+    """Objects under ``prefix`` of this run's frames (the state dir's bucket keeps earlier runs')."""
+    return sum(1 for key in store.list_keys(prefix) if key.rsplit("/", 1)[-1].rsplit(".", 1)[0] in frame_ids)
 
 
 def run_demo(args: argparse.Namespace) -> dict[str, object]:
@@ -130,14 +131,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
             captions_jsonl=state / "captions.jsonl",
             drain_timeout_s=args.timeout, wait_for_captions_s=args.timeout,
         )
-        edge = EdgeDaemon(edge_config, on_caption=_print_caption, print_captions=False)
+        sampled: set[str] = set()
+        edge = EdgeDaemon(edge_config, on_caption=_print_caption, print_captions=False,
+                          on_spooled=lambda metadata: sampled.add(metadata.frame_id))
         print(f"edge {device_id}: capturing {source}", flush=True)
         summary = _run_edge(edge)
         store = stack.storage()
         return {
             "frames_sampled": summary.frames_sampled,
-            "frames_stored": _count(store, f"{FRAMES_PREFIX}{device_id}/"),
-            "captions": _count(store, f"{CAPTIONS_PREFIX}{device_id}/"),
+            "frames_stored": _count(store, f"{FRAMES_PREFIX}{device_id}/", sampled),
+            "captions": _count(store, f"{CAPTIONS_PREFIX}{device_id}/", sampled),
             "bucket": stack.bucket,
             "elapsed_s": round(time.monotonic() - started, 1),
         }

@@ -208,3 +208,12 @@ def test_demo_command_captions_a_real_video(shared_dir, tmp_path) -> None:  # ty
     assert summary["bucket"] == "framecap"
     caption_lines = [line for line in proc.stdout.splitlines() if " UTC] " in line]
     assert len(caption_lines) == 4
+    # a second run on the same state dir (whose bucket keeps the first run's objects) counts its own
+    again = subprocess.run(
+        [sys.executable, "-m", "common.cli", "demo", "--max-frames", "3",
+         "--state-dir", str(tmp_path / "demo")],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=400,
+    )
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads(again.stdout.strip().splitlines()[-1])
+    assert summary["frames_sampled"] == summary["frames_stored"] == summary["captions"] == 3
