@@ -24,7 +24,7 @@ $(BIN)/framecap: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PINS)
-	$(BIN)/python -m pip install -q -e '.[edge,cloud,stack,dev]'
+	$(BIN)/python -m pip install -q -e '.[edge,cloud,stack,web,dev]'
 	@touch $(BIN)/framecap
 
 setup: system-deps $(BIN)/framecap
