@@ -1,4 +1,4 @@
-"""Typed, validated configuration: one YAML file per process (edge, ingest, worker).
+"""Typed, validated configuration: one YAML file per process (edge, ingest, worker, web).
 
 Each section is a pydantic model with ``extra="forbid"`` and a description on every field, so a
 typo is refused instead of ignored. Secrets (MQTT password, S3 keys) and the endpoints may be
@@ -15,6 +15,13 @@ for the local stack); a value in the file or on the command line wins over the e
 | ``s3.bucket`` | ``FRAMECAP_S3_BUCKET`` | ``framecap`` |
 | ``s3.access_key_id`` | ``FRAMECAP_S3_ACCESS_KEY_ID``, else ``AWS_ACCESS_KEY_ID`` | none |
 | ``s3.secret_access_key`` | ``FRAMECAP_S3_SECRET_ACCESS_KEY``, else ``AWS_SECRET_ACCESS_KEY`` | none |
+| ``web: host``, ``port`` | ``FRAMECAP_WEB_HOST``, ``FRAMECAP_WEB_PORT`` | ``127.0.0.1``, ``8080`` |
+| ``web: state_dir`` | ``FRAMECAP_WEB_STATE_DIR`` | ``.state/web`` |
+| ``web: index`` | ``FRAMECAP_WEB_INDEX`` (password: ``FRAMECAP_WEB_INDEX_PASSWORD``) | ``STATE/index.sqlite3`` |
+| ``web: accounts_file`` | ``FRAMECAP_WEB_ACCOUNTS_FILE`` | ``STATE/accounts.yaml`` |
+| ``web: session_secret`` | ``FRAMECAP_WEB_SESSION_SECRET`` | generated into ``STATE/session-secret`` |
+| ``web: webhook_secret`` | ``FRAMECAP_WEBHOOK_SECRET`` | none (webhooks refused) |
+| ``web: public_url`` | ``FRAMECAP_WEB_PUBLIC_URL`` | ``http://host:port`` |
 
 An empty variable counts as unset. A value from the environment is validated like one from the
 file (``FRAMECAP_MQTT_PORT=abc`` is a config error, not ignored).
@@ -26,8 +33,11 @@ value and why; the CLIs print it and exit with status 2. ``--validate-config`` c
 from __future__ import annotations
 
 import os
+import re
+import secrets
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import yaml
 from pydantic import (
@@ -37,6 +47,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -252,10 +263,179 @@ class WorkerConfig(Section):
 
 
 
+def _is_postgres_url(location: str) -> bool:
+    return location.startswith(("postgresql://", "postgres://"))
+
+
+class WebConfig(Section):
+    """``framecap web``: pages, search, live captions and alerts in a browser.
+
+    The index is a cache of S3 ``captions/`` (rebuilt by ``framecap web reindex``): a SQLite file
+    under ``state_dir`` by default, or a ``postgresql://`` URL that several replicas share.
+    """
+
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="Broker connection (the 'web' account).")
+    s3: S3Config = Field(default_factory=S3Config, description="Bucket with frames/ and captions/.")
+    host: str = Field(
+        default_factory=lambda: _env("FRAMECAP_WEB_HOST", "127.0.0.1"),
+        min_length=1,
+        description="Address the web server binds; default from $FRAMECAP_WEB_HOST, else 127.0.0.1 (this machine only).",
+    )
+    port: int = Field(
+        default_factory=lambda: _env("FRAMECAP_WEB_PORT", 8080),
+        ge=0,
+        le=65535,
+        description="TCP port of the web server; default from $FRAMECAP_WEB_PORT, else 8080 (0: a free port).",
+    )
+    state_dir: Path = Field(
+        default_factory=lambda: Path(_env("FRAMECAP_WEB_STATE_DIR", ".state/web")),
+        description="Directory of the SQLite index, accounts, session secret and attention cache; "
+        "default from $FRAMECAP_WEB_STATE_DIR, else .state/web (created).",
+    )
+    index: str | None = Field(
+        default_factory=lambda: _env("FRAMECAP_WEB_INDEX"),
+        description="Caption index: a SQLite file path, or a postgresql://user@host:port/db URL "
+        "(password from $FRAMECAP_WEB_INDEX_PASSWORD or in the URL, never logged); default from "
+        "$FRAMECAP_WEB_INDEX, else index.sqlite3 in state_dir.",
+    )
+    index_password: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_WEB_INDEX_PASSWORD"),
+        description="PostgreSQL password when the index URL has none; default from "
+        "$FRAMECAP_WEB_INDEX_PASSWORD. Never logged.",
+    )
+    accounts_file: Path | None = Field(
+        default_factory=lambda: _env("FRAMECAP_WEB_ACCOUNTS_FILE"),
+        description="Accounts file (hashed passwords, roles, devices) that 'framecap web add-user' "
+        "writes; default from $FRAMECAP_WEB_ACCOUNTS_FILE, else accounts.yaml in state_dir.",
+    )
+    rules_file: Path | None = Field(
+        default=None, description="YAML list of alert rules loaded at start (more can be made in the UI and API)."
+    )
+    session_secret: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_WEB_SESSION_SECRET"),
+        description="Key that signs login cookies; default from $FRAMECAP_WEB_SESSION_SECRET, else "
+        "generated once into state_dir/session-secret (mode 0600). Never logged.",
+    )
+    webhook_secret: SecretStr | None = Field(
+        default_factory=lambda: _env_secret("FRAMECAP_WEBHOOK_SECRET"),
+        description="Key of the HMAC-SHA256 signature of alert webhooks (X-Framecap-Signature); "
+        "default from $FRAMECAP_WEBHOOK_SECRET. Webhooks are refused without it. Never logged.",
+    )
+    public_url: str | None = Field(
+        default_factory=lambda: _env("FRAMECAP_WEB_PUBLIC_URL"),
+        description="Base URL people reach the pages at, for links in alerts (e.g. "
+        "https://cams.example.org); default from $FRAMECAP_WEB_PUBLIC_URL, else http://host:port.",
+    )
+    model: Path | None = Field(
+        default=None, description="Caption model checkpoint for attention maps; the packaged default model when empty."
+    )
+    widening: bool = Field(
+        default=True, description="Widen query words outside the model's word map to their nearest word-map words."
+    )
+    reindex_at_start: bool = Field(
+        default=True, description="Rebuild the index from S3 captions/ in the background at start."
+    )
+    https_only_cookies: bool = Field(
+        default=False, description="Mark session cookies Secure (set when served over HTTPS, e.g. behind a proxy)."
+    )
+
+    @field_validator("index")
+    @classmethod
+    def _check_index(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value.strip():
+            raise ValueError("must be a SQLite file path or a postgresql:// URL, not blank")
+        if _is_postgres_url(value):
+            parts = urlsplit(value)
+            try:
+                parts.port  # noqa: B018 - raises ValueError on a bad port
+            except ValueError as err:
+                raise ValueError(f"the URL has a bad port: {err}") from None
+            if not parts.hostname or not parts.path.strip("/"):
+                raise ValueError("must be postgresql://[user[:password]@]host[:port]/database")
+        return value
+
+    @field_validator("public_url")
+    @classmethod
+    def _check_public_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            parts = urlsplit(value)
+            if parts.scheme not in ("http", "https") or not parts.netloc:
+                raise ValueError("must be an http:// or https:// URL, e.g. https://cams.example.org")
+        return value
+
+    @property
+    def index_is_postgres(self) -> bool:
+        """True when the index is a PostgreSQL URL."""
+        return self.index is not None and _is_postgres_url(self.index)
+
+    def index_location(self) -> str:
+        """Where :func:`cloud.web.index.open_index` opens the index: the SQLite path (default
+        ``state_dir/index.sqlite3``) or the PostgreSQL URL with :attr:`index_password` put in
+        when the URL has none. Holds a secret: never log it (log :meth:`index_display`)."""
+        if self.index is None:
+            return str(self.state_dir / "index.sqlite3")
+        if not self.index_is_postgres or self.index_password is None:
+            return self.index
+        parts = urlsplit(self.index)
+        if parts.password is not None:
+            return self.index
+        user = quote(unquote(parts.username or ""), safe="")
+        password = quote(self.index_password.get_secret_value(), safe="")
+        host = parts.netloc.rpartition("@")[2]
+        return urlunsplit(parts._replace(netloc=f"{user}:{password}@{host}"))
+
+    def index_display(self) -> str:
+        """:meth:`index_location` without any password, for logs and pages."""
+        return redact_url(self.index_location())
+
+    @property
+    def accounts_path(self) -> Path:
+        """The accounts file: :attr:`accounts_file`, else ``state_dir/accounts.yaml``."""
+        return self.accounts_file if self.accounts_file is not None else self.state_dir / "accounts.yaml"
+
+    @property
+    def base_url(self) -> str:
+        """:attr:`public_url` without a trailing ``/``, else ``http://host:port``."""
+        if self.public_url:
+            return self.public_url.rstrip("/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def session_secret_value(self) -> SecretStr:
+        """The cookie-signing key: :attr:`session_secret`, else the one in
+        ``state_dir/session-secret``, generated there (mode 0600) on first use.
+
+        Raises:
+            OSError: the state dir or the file cannot be written or read.
+        """
+        if self.session_secret is not None:
+            return self.session_secret
+        path = self.state_dir / "session-secret"
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return SecretStr(path.read_text().strip())
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_urlsafe(48) + "\n")
+        return SecretStr(path.read_text().strip())
+
+
 C = TypeVar("C", bound=Section)
 
 
-SECRET_KEYS = frozenset({"password", "access_key_id", "secret_access_key"})
+SECRET_KEYS = frozenset({
+    "password", "access_key_id", "secret_access_key",
+    "index_password", "session_secret", "webhook_secret",
+})
+_URL_PASSWORD_RE = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.-]*://[^/@:\s]*):[^/@\s]*@")
+
+
+def redact_url(text: str) -> str:
+    """``text`` with the password of every ``scheme://user:password@host`` in it as ``***``."""
+    return _URL_PASSWORD_RE.sub(r"\g<head>:***@", text)
 
 
 def redact(value: Any, key: str | None = None) -> Any:
@@ -266,6 +446,8 @@ def redact(value: Any, key: str | None = None) -> Any:
         return {k: redact(v, str(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [redact(v) for v in value]
+    if isinstance(value, str):
+        return redact_url(value)
     return value
 
 

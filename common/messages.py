@@ -9,6 +9,8 @@ is refused with :class:`MessageError`.
   ``frames/...jpg`` (the same names without the ``fc-`` prefix). The payload is the raw JPEG.
 - :class:`FrameAck`: JSON on ``{prefix}/{device_id}/acks``.
 - :class:`CaptionRecord`: JSON on ``{prefix}/{device_id}/captions`` and in ``captions/...json``.
+- :class:`AlertMessage`: JSON on ``{prefix}/{device_id}/alerts`` (and the body of an alert
+  webhook POST): an alert rule of ``framecap web`` matched a caption.
 """
 
 from __future__ import annotations
@@ -236,3 +238,31 @@ class CaptionRecord(_JsonMessage):
     frame_key: str = Field(description="S3 key of the frame.")
     caption_key: str = Field(description="S3 key of this record.")
     error: str | None = Field(default=None, description="Why the frame has no caption, if so.")
+
+
+class AlertRuleRef(BaseModel):
+    """The rule an alert came from, as carried in :class:`AlertMessage`."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str = Field(description="The rule's id.")
+    name: str = Field(description="The rule's name.")
+
+
+class AlertMessage(_JsonMessage):
+    """Sent by ``framecap web`` on ``{prefix}/{device_id}/alerts`` (QoS 1) when an alert rule
+    matches a new caption; also the body of the rule's webhook POST.
+
+    Consecutive matching frames of one device within the rule's cooldown fold into one alert,
+    so one message stands for the first frame of a run.
+    """
+
+    rule: AlertRuleRef = Field(description="The rule that matched (id and name).")
+    device_id: DeviceId = Field(description="The device whose caption matched.")
+    frame_id: FrameId = Field(description="The frame whose caption matched.")
+    captured_at: UtcDatetime = Field(description="When the frame was captured, UTC.")
+    caption: str = Field(description="The caption that matched.")
+    matched_words: list[str] = Field(description="Words of the caption that matched the rule's query.")
+    frame_key: str = Field(description="S3 key of the frame.")
+    caption_key: str = Field(description="S3 key of the caption record.")
+    url: str | None = Field(default=None, description="Link to the frame's page in framecap web, if known.")

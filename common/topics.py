@@ -6,6 +6,7 @@ Topics (prefix configurable, default ``framecap``)::
     {prefix}/{device_id}/acks       ingest -> edge     JSON FrameAck
     {prefix}/{device_id}/captions   worker -> edge     JSON CaptionRecord
     {prefix}/{device_id}/status     edge (retained)    ``online`` / ``offline`` (last will)
+    {prefix}/{device_id}/alerts     web -> anyone      JSON AlertMessage (an alert rule matched a caption)
 
 Object keys (bucket configurable, default ``framecap``)::
 
@@ -26,7 +27,8 @@ FRAMES = "frames"
 ACKS = "acks"
 CAPTIONS = "captions"
 STATUS = "status"
-KINDS = (FRAMES, ACKS, CAPTIONS, STATUS)
+ALERTS = "alerts"
+KINDS = (FRAMES, ACKS, CAPTIONS, STATUS, ALERTS)
 
 FRAMES_PREFIX = "frames/"
 CAPTIONS_PREFIX = "captions/"
@@ -113,6 +115,10 @@ class Topics:
 
     def status(self, device_id: str) -> str:
         return self.topic(device_id, STATUS)
+
+    def alerts(self, device_id: str) -> str:
+        """``{prefix}/{device_id}/alerts``: alerts raised by ``framecap web`` on this device's captions."""
+        return self.topic(device_id, ALERTS)
 
     def all_devices(self, kind: str) -> str:
         """Topic filter for one kind of every device: ``{prefix}/+/{kind}``."""

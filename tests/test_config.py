@@ -12,10 +12,15 @@ from common.config import (
     IngestConfig,
     MqttConfig,
     S3Config,
+    WebConfig,
     WorkerConfig,
     load_config,
     parse_config,
 )
+
+WEB_ENV = ("FRAMECAP_WEB_HOST", "FRAMECAP_WEB_PORT", "FRAMECAP_WEB_STATE_DIR", "FRAMECAP_WEB_INDEX",
+           "FRAMECAP_WEB_INDEX_PASSWORD", "FRAMECAP_WEB_ACCOUNTS_FILE", "FRAMECAP_WEB_SESSION_SECRET",
+           "FRAMECAP_WEBHOOK_SECRET", "FRAMECAP_WEB_PUBLIC_URL")
 
 
 def _write(tmp_path: Path, text: str) -> Path:
@@ -155,3 +160,90 @@ def test_config_errors_never_show_secret_values(monkeypatch: pytest.MonkeyPatch,
 def test_s3_config_defaults() -> None:
     config = S3Config(access_key_id=None, secret_access_key=None)
     assert config.path_style and config.region == "us-east-1" and config.endpoint_url is None
+
+
+# --- framecap web -------------------------------------------------------------------------
+
+
+@pytest.fixture
+def no_web_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in WEB_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_web_config_defaults_bind_loopback_and_keep_state_under_state_dir(no_web_env: pytest.MonkeyPatch) -> None:
+    config = parse_config(WebConfig, {})
+    assert (config.host, config.port) == ("127.0.0.1", 8080)
+    assert config.state_dir == Path(".state/web")
+    assert config.index_location() == str(Path(".state/web") / "index.sqlite3")
+    assert not config.index_is_postgres
+    assert config.accounts_path == Path(".state/web/accounts.yaml")
+    assert config.base_url == "http://127.0.0.1:8080"
+    assert config.widening and config.reindex_at_start and not config.https_only_cookies
+    assert config.rules_file is None and config.model is None
+    assert config.session_secret is None and config.webhook_secret is None
+    described = [name for name, field in WebConfig.model_fields.items() if not field.description]
+    assert described == []
+
+
+def test_web_config_comes_from_the_environment(no_web_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    no_web_env.setenv("FRAMECAP_WEB_HOST", "0.0.0.0")
+    no_web_env.setenv("FRAMECAP_WEB_PORT", "9090")
+    no_web_env.setenv("FRAMECAP_WEB_STATE_DIR", str(tmp_path))
+    no_web_env.setenv("FRAMECAP_WEB_SESSION_SECRET", "cookie-key-secret")
+    no_web_env.setenv("FRAMECAP_WEBHOOK_SECRET", "webhook-key-secret")
+    no_web_env.setenv("FRAMECAP_WEB_PUBLIC_URL", "https://cams.example.org/")
+    config = parse_config(WebConfig, {})
+    assert (config.host, config.port, config.state_dir) == ("0.0.0.0", 9090, tmp_path)
+    assert config.session_secret_value().get_secret_value() == "cookie-key-secret"
+    assert config.webhook_secret is not None and config.webhook_secret.get_secret_value() == "webhook-key-secret"
+    assert config.base_url == "https://cams.example.org"
+    assert config.index_location() == str(tmp_path / "index.sqlite3")
+    shown = f"{config!r} {config} {config.model_dump()}"
+    assert "cookie-key-secret" not in shown and "webhook-key-secret" not in shown
+    no_web_env.setenv("FRAMECAP_WEB_PORT", "http")
+    with pytest.raises(ConfigError, match="port = 'http'"):
+        parse_config(WebConfig, {})
+
+
+def test_web_session_secret_is_generated_once_and_private(no_web_env: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = parse_config(WebConfig, {"state_dir": str(tmp_path / "state")})
+    first = config.session_secret_value().get_secret_value()
+    path = tmp_path / "state" / "session-secret"
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert len(first) >= 32
+    again = parse_config(WebConfig, {"state_dir": str(tmp_path / "state")}).session_secret_value()
+    assert again.get_secret_value() == first
+    other = parse_config(WebConfig, {"state_dir": str(tmp_path / "other")}).session_secret_value()
+    assert other.get_secret_value() != first
+
+
+def test_web_postgres_index_password_comes_from_the_environment_and_is_never_shown(
+    no_web_env: pytest.MonkeyPatch,
+) -> None:
+    no_web_env.setenv("FRAMECAP_WEB_INDEX_PASSWORD", "pg:p@ss/word")
+    config = parse_config(WebConfig, {"index": "postgresql://framecap@db.example:5433/framecap"})
+    assert config.index_is_postgres
+    assert config.index_location() == "postgresql://framecap:pg%3Ap%40ss%2Fword@db.example:5433/framecap"
+    assert config.index_display() == "postgresql://framecap:***@db.example:5433/framecap"
+    in_url = parse_config(WebConfig, {"index": "postgresql://u:url-secret@db/fc"})
+    assert in_url.index_location() == "postgresql://u:url-secret@db/fc"  # the URL's own wins
+    assert "url-secret" not in in_url.index_display()
+
+
+@pytest.mark.parametrize(("data", "expected"), [
+    ({"index": "postgresql://u:hunter2-secret@/nodb"}, "index = 'postgresql://u:***@/nodb'"),
+    ({"index": "postgresql://u:hunter2-secret@db:notaport/fc"}, "bad port"),
+    ({"index": "  "}, "index = '  '"),
+    ({"public_url": "ftp://x"}, "public_url = 'ftp://x'"),
+    ({"webhook_secret": ["hunter2-secret"]}, "webhook_secret = '***'"),
+    ({"port": 70000}, "port = 70000"),
+    ({"widenning": False}, "widenning = False: unknown key"),
+    ({"mqtt": {"prot": 1}}, "mqtt.prot = 1: unknown key"),
+])
+def test_bad_web_configs_name_key_value_and_why(no_web_env: pytest.MonkeyPatch, data: dict, expected: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_config(WebConfig, data)
+    assert expected in str(info.value)
+    assert "hunter2-secret" not in str(info.value)

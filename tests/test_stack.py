@@ -174,6 +174,73 @@ def test_service_accounts_only_write_their_own_kind(stack_ns, wait_until) -> Non
             c.close()
 
 
+def test_web_account_reads_captions_and_status_and_writes_only_alerts(stack_ns, wait_until) -> None:  # noqa: ANN001
+    dev = stack_ns.device("cam")
+    t = stack_ns.topics
+    admin = Client(stack_ns.mqtt_config("admin"))
+    web = Client(stack_ns.mqtt_config("web"))
+    worker = Client(stack_ns.mqtt_config("worker"))
+    ingest = Client(stack_ns.mqtt_config("ingest"))
+    device = Client(stack_ns.mqtt_config(dev))
+    try:
+        admin.subscribe(f"{stack_ns.prefix}/#")
+        for kind in ("captions", "status", "acks", "frames"):
+            web.subscribe(t.all_devices(kind))
+        # What the web account may not publish: dropped by the broker.
+        web.publish(t.frames(dev), b"web frame")
+        web.publish(t.captions(dev), b"web caption")
+        web.publish(t.acks(dev), b"web ack")
+        web.publish(t.status(dev), b"offline")
+        # What the others send: the web account hears captions and status, not acks nor frames.
+        ingest.publish(t.acks(dev), b"ack")
+        device.publish(t.frames(dev), b"frame")
+        device.publish(t.status(dev), b"online")
+        worker.publish(t.captions(dev), b"caption")
+        web.publish(t.alerts(dev), b"alert")  # the one thing it may publish
+        assert wait_until(lambda: admin.payloads(t.alerts(dev)) == [b"alert"], 5)
+        assert wait_until(lambda: web.payloads(t.captions(dev)) == [b"caption"], 5)
+        assert wait_until(lambda: web.payloads(t.status(dev)) == [b"online"], 5)
+        time.sleep(0.2)
+        assert web.payloads(t.acks(dev)) == [] and web.payloads(t.frames(dev)) == []
+        assert admin.payloads(t.captions(dev)) == [b"caption"]
+        assert admin.payloads(t.frames(dev)) == [b"frame"]
+        assert admin.payloads(t.status(dev)) == [b"online"]
+        assert admin.payloads(t.acks(dev)) == [b"ack"]
+    finally:
+        for c in (admin, web, worker, ingest, device):
+            c.close()
+
+
+def test_a_device_reads_only_its_own_alerts(stack_ns, wait_until) -> None:  # noqa: ANN001
+    a, b = stack_ns.device("cam-a"), stack_ns.device("cam-b")
+    t = stack_ns.topics
+    web = Client(stack_ns.mqtt_config("web"))
+    dev_b = Client(stack_ns.mqtt_config(b))
+    try:
+        dev_b.subscribe(t.alerts(a))
+        dev_b.subscribe(t.all_devices("alerts"))
+        assert dev_b.subscribe(t.alerts(b)).value == 1
+        dev_b.publish(t.alerts(b), b"forged by the device")  # a device may read, not write, alerts
+        web.publish(t.alerts(a), b"alert of a")
+        web.publish(t.alerts(b), b"alert of b")
+        assert wait_until(lambda: b"alert of b" in dev_b.payloads(t.alerts(b)), 5)
+        time.sleep(0.2)
+        assert dev_b.payloads(t.alerts(a)) == []
+        # Two matching subscriptions may deliver it twice; the forged one never.
+        assert set(dev_b.payloads(t.alerts(b))) == {b"alert of b"}
+    finally:
+        web.close()
+        dev_b.close()
+
+
+def test_stack_env_prints_the_web_account(local_stack: LocalStack, capsys) -> None:  # noqa: ANN001
+    assert main(["env", "--user", "web", "--state-dir", str(local_stack.state_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "export FRAMECAP_MQTT_USERNAME=web\n" in out
+    assert f"export FRAMECAP_MQTT_PASSWORD={local_stack.password('web')}\n" in out
+    assert mqtt_connack(local_stack.host, local_stack.mqtt_port, "web", local_stack.password("web")) == 0
+
+
 def test_tls_listener_is_verified_with_the_generated_ca(stack_ns, wait_until) -> None:  # noqa: ANN001
     dev = stack_ns.device("cam")
     config = stack_ns.mqtt_config(dev, tls=True)

@@ -12,6 +12,8 @@ from hypothesis import strategies as st
 
 from common.messages import (
     SCHEMA_VERSION,
+    AlertMessage,
+    AlertRuleRef,
     CaptionRecord,
     FrameAck,
     FrameMetadata,
@@ -93,6 +95,10 @@ def test_topics_build_and_parse() -> None:
     assert t.all_devices("frames") == "framecap/+/frames"
     assert t.shared("ingest", "frames") == "$share/ingest/framecap/+/frames"
     assert t.parse("framecap/cam-1/captions") == ("cam-1", "captions")
+    assert t.alerts("c") == "framecap/c/alerts" and t.all_devices("alerts") == "framecap/+/alerts"
+    assert t.parse("framecap/cam-1/alerts") == ("cam-1", "alerts")
+    with pytest.raises(InvalidIdError):
+        t.alerts("a/b")
     for bad in ["framecap/a/b/frames", "other/cam/frames", "framecap/cam/video", "framecap/../frames",
                 "framecap/+/frames", "framecap/cam/frames/"]:
         with pytest.raises(InvalidIdError):
@@ -268,3 +274,22 @@ def test_fuzz_caption_record_decoder_raises_only_message_error(payload: bytes) -
     except MessageError:
         return
     assert CaptionRecord.from_json(record.to_json()).to_json() == record.to_json()  # NaN -> null
+
+
+def test_alert_message_round_trips_and_refuses_bad_fields() -> None:
+    alert = AlertMessage(
+        rule=AlertRuleRef(id="trucks", name="Trucks at night"), device_id="cam1", frame_id="f1",
+        captured_at=T0, caption="a truck parked on a street", matched_words=["truck"],
+        frame_key=frame_key("cam1", "f1", T0), caption_key=caption_key("cam1", "f1", T0),
+        url="https://cams.example.org/frames/cam1/f1",
+    )
+    data = json.loads(alert.to_json())
+    assert data["schema_version"] == SCHEMA_VERSION and data["rule"] == {"id": "trucks", "name": "Trucks at night"}
+    assert data["captured_at"].startswith("2026-01-31T23:59:59.123456")
+    assert set(data) == {"schema_version", "rule", "device_id", "frame_id", "captured_at", "caption",
+                         "matched_words", "frame_key", "caption_key", "url"}
+    assert AlertMessage.from_json(alert.to_json()) == alert
+    for change in ({"device_id": "../x"}, {"frame_id": "a/b"}, {"captured_at": "2026-01-01T00:00:00"},
+                   {"rule": {"id": "r"}}, {"extra": 1}, {"schema_version": 2}):
+        with pytest.raises(MessageError):
+            AlertMessage.from_json(json.dumps({**data, **change}))

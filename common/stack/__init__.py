@@ -13,7 +13,8 @@ writes them) and an ACL file. Accounts:
 | ``admin`` | everything | everything |
 | ``ingest`` | ``P/+/acks`` | ``P/+/frames``, ``P/+/status`` |
 | ``worker`` | ``P/+/captions`` | ``P/+/acks`` (the ingest's acks tell it of new frames) |
-| device ``D`` | ``P/D/frames``, ``P/D/status`` | ``P/D/acks``, ``P/D/captions`` |
+| ``web`` | ``P/+/alerts`` | ``P/+/captions``, ``P/+/status`` |
+| device ``D`` | ``P/D/frames``, ``P/D/status`` | ``P/D/acks``, ``P/D/captions``, ``P/D/alerts`` |
 
 ``P`` is the topic prefix; by default the ACL accepts any one-level prefix (``+``), so tests can
 give each test its own prefix; device isolation holds under every prefix. A denied publish is

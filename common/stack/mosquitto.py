@@ -60,9 +60,13 @@ def acl_text(accounts: Mapping[str, Mapping[str, str]], prefix: str) -> str:
                       f"topic write {p}/+/acks"]
         elif role == "worker":
             lines += [f"topic read {p}/+/acks", f"topic write {p}/+/captions"]
+        elif role == "web":
+            lines += [f"topic read {p}/+/captions", f"topic read {p}/+/status",
+                      f"topic write {p}/+/alerts"]
         else:
             lines += [f"topic write {p}/{user}/frames", f"topic write {p}/{user}/status",
-                      f"topic read {p}/{user}/acks", f"topic read {p}/{user}/captions"]
+                      f"topic read {p}/{user}/acks", f"topic read {p}/{user}/captions",
+                      f"topic read {p}/{user}/alerts"]
         lines.append("")
     return "\n".join(lines)
 

@@ -24,7 +24,7 @@ from common.topics import validate_id
 
 DEFAULT_STATE_DIR = Path(".state/stack")
 DEFAULT_BUCKET = "framecap"
-ROLES = ("admin", "ingest", "worker")
+ROLES = ("admin", "ingest", "worker", "web")
 STATE_VERSION = 1
 
 
