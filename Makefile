@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
@@ -15,7 +15,7 @@ help:
 	@echo "make faults  - fault tests against the real servers; writes docs/faults.md"
 	@echo "make setup   - system packages (as root) and the .venv with every extra"
 	@echo "make lint    - ruff and mypy"
-	@echo "make bench   - benchmarks in bench/"
+	@echo "make bench   - benchmarks in bench/ (make bench-web: search at 1M captions)"
 
 system-deps:
 	@bash deploy/scripts/system-deps.sh
@@ -59,6 +59,12 @@ bench: setup
 		"run 'framecap data prepare ... --output-dir $(BENCH_DATA) --cache-features' (docs/model.md)"; exit 1; }
 	$(BIN)/python bench/caption_decoding.py --checkpoint cloud/models/default.pt --data-dir $(BENCH_DATA) \
 		--beams 1 3 5 --length-penalties 0 0.7
+
+# framecap web at scale: index BENCH_CAPTIONS synthetic captions, then search p50/p95 through the
+# API vs the raw FTS5 query, filtered vs unfiltered, a timeline page, live delay (ratios, one run).
+BENCH_CAPTIONS ?= 1000000
+bench-web: setup
+	$(BIN)/python bench/web_search.py --captions $(BENCH_CAPTIONS)
 
 clean:
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
