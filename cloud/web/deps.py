@@ -481,7 +481,7 @@ class SearchParams:
                              limit=self.limit, offset=self.offset)
 
 
-def search_params(
+def filter_params(
     q: Annotated[str, Query(max_length=500, description="Search text: words, \"phrases\", OR, NOT / -word, (groups). Empty: every caption.")] = "",
     device: Annotated[list[str] | None, Query(description="Device id; repeat (or comma-separate) for several. Default: every device you may see.")] = None,
     start: Annotated[str | None, Query(description="From this ISO date or date-time (inclusive; a date or naive time is in your `tz`).")] = None,
@@ -490,15 +490,21 @@ def search_params(
     tz: Annotated[int, Query(ge=-MAX_TZ_OFFSET_MIN, le=MAX_TZ_OFFSET_MIN, description="Your UTC offset in minutes (UTC+2 is 120).")] = 0,
     min_score: Annotated[float | None, Query(description="Only captions with at least this log-probability (<= 0, e.g. -8).")] = None,
     errors_only: Annotated[bool, Query(description="Only frames that could not be captioned.")] = False,
+) -> SearchParams:
+    """The query and filter parameters of a request, without order and paging (FastAPI
+    dependency; checked further by :meth:`SearchParams.to_request`)."""
+    return SearchParams(q=q, device=tuple(device or ()), start=start, end=end, time=time, tz=tz,
+                        min_score=min_score, errors_only=errors_only)
+
+
+def search_params(
+    base: Annotated[SearchParams, Depends(filter_params)],
     order: Annotated[Order, Query(description="relevance (best first), time (newest first) or time_asc.")] = "relevance",
     limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Results per page (at most 500).")] = 50,
     offset: Annotated[int, Query(ge=0, le=1_000_000, description="Results to skip (paging).")] = 0,
 ) -> SearchParams:
-    """The search parameters of a request (FastAPI dependency; validated by FastAPI's types,
-    then by :meth:`SearchParams.to_request`)."""
-    return SearchParams(q=q, device=tuple(device or ()), start=start, end=end, time=time, tz=tz,
-                        min_score=min_score, errors_only=errors_only, order=order, limit=limit,
-                        offset=offset)
+    """The search parameters of a request: :func:`filter_params` plus order and paging."""
+    return replace(base, order=order, limit=limit, offset=offset)
 
 
 SearchParamsDep = Annotated[SearchParams, Depends(search_params)]

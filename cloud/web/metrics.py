@@ -39,7 +39,9 @@ class WebMetrics:
         alerts_sent / alerts_failed: alert deliveries, counters by ``channel``
             (``mqtt`` / ``webhook``).
         live_clients: server-sent-events clients connected, gauge.
-        live_dropped: live captions dropped for slow clients, counter.
+        live_dropped: live captions dropped for slow clients since start, gauge (set from
+            :attr:`cloud.web.live.LiveHub.dropped` at each scrape).
+        up: 1 if the feed's ``part`` (``mqtt`` / ``s3``) is connected, gauge.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
@@ -61,8 +63,9 @@ class WebMetrics:
                                      ["channel"], registry=r)
         self.live_clients = Gauge("framecap_web_live_clients", "Live (SSE) clients connected.",
                                   registry=r)
-        self.live_dropped = Counter("framecap_web_live_dropped",
-                                    "Live captions dropped because a client was slow.", registry=r)
+        self.live_dropped = Gauge("framecap_web_live_dropped",
+                                  "Live captions dropped since start because a client was slow.",
+                                  registry=r)
         self.up = Gauge("framecap_web_feed_up", "1 if the feed's part is connected.", ["part"],
                         registry=r)
         for channel in ("mqtt", "webhook"):  # show zeroes before the first alert
