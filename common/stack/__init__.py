@@ -36,8 +36,9 @@ State directory layout::
 
 Modules: :mod:`~common.stack.process` (processes, ports, :class:`StackError`),
 :mod:`~common.stack.state` (the state directory), :mod:`~common.stack.mosquitto`,
-:mod:`~common.stack.seaweedfs`, :mod:`~common.stack.local` (:class:`LocalStack`) and
-:mod:`~common.stack.cli` (``framecap stack``).
+:mod:`~common.stack.seaweedfs`, :mod:`~common.stack.local` (:class:`LocalStack`),
+:mod:`~common.stack.postgres` (:class:`PostgresServer`: a throwaway PostgreSQL for the tests and
+the demo of ``framecap web``) and :mod:`~common.stack.cli` (``framecap stack``).
 """
 
 from common.stack.cli import get_args_parser, main
@@ -49,6 +50,7 @@ from common.stack.mosquitto import (
     mosquitto_password_hash,
     mqtt_connack,
 )
+from common.stack.postgres import PostgresServer, find_postgres
 from common.stack.process import (
     GRPC_OFFSET,
     HOST,
@@ -69,9 +71,11 @@ __all__ = [
     "ROLES",
     "STATE_VERSION",
     "LocalStack",
+    "PostgresServer",
     "StackError",
     "acl_text",
     "find_mosquitto",
+    "find_postgres",
     "find_weed",
     "get_args_parser",
     "main",
