@@ -410,12 +410,6 @@ def _timeline_context(request: Request, ctx: WebContext, device_id: str, tz: int
 # -- frame -----------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Word:
-    word: str
-    p: float | None
-
-
 def _neighbour(ctx: WebContext, doc: CaptionDoc, *, newer: bool) -> CaptionDoc | None:
     """The device's frame just before (or after) ``doc`` in capture time, or None."""
     eps = timedelta(microseconds=1)
@@ -468,7 +462,7 @@ def frame_page(device_id: str, frame_id: str, request: Request,
     first_words = " ".join(words[:3])
     context = {
         "doc": doc,
-        "words": [_Word(w, per_word) for w in words],
+        "words": words,
         "prob": prob,
         "metadata": metadata,
         "metadata_error": metadata_error,

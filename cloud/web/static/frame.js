@@ -27,7 +27,15 @@
           return body;
         });
       })
-      .then(function (body) { data = body; say(""); return body; })
+      .then(function (body) {
+        data = body;
+        say(body.model_matches === false ? "attention from model " + body.model + " (the caption came from another)" : "");
+        (body.in_vocabulary || []).forEach(function (known, j) {
+          var b = buttons[j];
+          if (b && known === false) { b.title = "not in the model's word map (read as <unk>)"; b.classList.add("unk"); }
+        });
+        return body;
+      })
       .catch(function (err) { pending = null; say("attention unavailable: " + err.message); throw err; });
     return pending;
   }

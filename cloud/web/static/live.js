@@ -36,14 +36,15 @@
     var item = el("div", "live-item" + (doc.error ? " error-card" : ""));
     item.dataset.device = doc.device_id;
     item.dataset.frame = doc.frame_id;
-    var frameUrl = "/frames/" + enc(doc.device_id) + "/" + enc(doc.frame_id);
+    var frameUrl = doc.url || ("/frames/" + enc(doc.device_id) + "/" + enc(doc.frame_id));
     var a = el("a");
     a.href = frameUrl;
     if (!doc.error) {
       var img = el("img");
       img.alt = doc.caption || "";
       img.loading = "lazy";
-      img.src = "/api/v1/frames/" + enc(doc.device_id) + "/" + enc(doc.frame_id) + "/thumbnail.jpg";
+      img.onerror = function () { img.style.visibility = "hidden"; };
+      img.src = doc.thumbnail_url || ("/api/v1/frames/" + enc(doc.device_id) + "/" + enc(doc.frame_id) + "/thumbnail.jpg");
       a.appendChild(img);
     } else {
       a.appendChild(el("span", "badge err", "error"));
