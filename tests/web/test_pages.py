@@ -241,8 +241,12 @@ def test_devices_page_admin_sees_both(admin: TestClient) -> None:
 
 def test_devices_page_in_local_time(admin: TestClient) -> None:
     admin.cookies.set("tz", "120")
-    cards = {c["attrs"]["data-device"]: c for c in page(admin, "/devices").by_class("device-card")}
+    els = page(admin, "/devices")
+    cards = {c["attrs"]["data-device"]: c for c in els.by_class("device-card")}
     assert "2026-01-10 13:00:00" in text_of(cards["cam2"])  # 11:00 UTC at UTC+2
+    # tz.js learns at which offset the page was rendered (it reloads once when the browser's differs)
+    script = next(e for e in els.found if e["tag"] == "script" and "tz.js" in e["attrs"].get("src", ""))
+    assert script["attrs"]["data-tz"] == "120"
     # the query parameter overrides the cookie
     cards = {c["attrs"]["data-device"]: c for c in page(admin, "/devices?tz=-60").by_class("device-card")}
     assert "2026-01-10 10:00:00" in text_of(cards["cam2"])
