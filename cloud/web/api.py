@@ -291,7 +291,7 @@ def make_rule(ctx: WebContext, user: Account, spec: RuleIn) -> AlertRule:
     existing = {r.rule_id: r for r in _index_call("rules", ctx.index.rules)}
     old = existing.get(rule_id)
     if old is not None and not user.is_admin and old.owner != user.name:
-        raise HTTPException(403, f"rule {rule_id!r} belongs to another user; choose another rule_id")
+        raise HTTPException(403, "that rule_id is taken by another user; choose another")
     rule = AlertRule(rule_id=rule_id, name=spec.name.strip() or rule_id, query=spec.query,
                      devices=devices, min_score=spec.min_score, cooldown_s=spec.cooldown_s,
                      webhook_url=spec.webhook_url,

@@ -161,9 +161,29 @@ def _include_pages(app: FastAPI) -> None:
             return error_response(request, int(exc.status), str(exc.message))
 
 
+def route_table(app: FastAPI) -> list[tuple[str, str | None]]:
+    """Every ``(path, method)`` the app serves, included routers flattened (a mount such as
+    ``/static`` has method None). Works with FastAPI's older flat ``app.routes`` and with the
+    newer included-router objects (``fastapi.routing.iter_route_contexts``)."""
+    import fastapi.routing
+
+    iterate = getattr(fastapi.routing, "iter_route_contexts", None)
+    routes: Any = iterate(app.routes) if iterate is not None else app.routes
+    out: list[tuple[str, str | None]] = []
+    for route in routes:
+        path = getattr(route, "path", None)
+        if path is None:
+            continue
+        methods = getattr(route, "methods", None)
+        if not methods:
+            out.append((path, None))
+            continue
+        out.extend((path, m) for m in sorted(methods) if m != "HEAD")
+    return out
+
+
 def _has_route(app: FastAPI, path: str, method: str) -> bool:
-    return any(getattr(r, "path", None) == path and method in (getattr(r, "methods", None) or ())
-               for r in app.routes)
+    return (path, method) in route_table(app)
 
 
 def create_app(ctx: WebContext, *, sse_heartbeat_s: float = api.SSE_HEARTBEAT_S,

@@ -350,7 +350,7 @@ def test_thumbnail_is_320_wide_and_cached(world: World, admin: TestClient) -> No
     r = admin.get("/api/v1/frames/cam1/c1-dog/thumbnail.jpg")
     assert r.status_code == 200 and r.headers["content-type"] == "image/jpeg"
     image = cv2.imdecode(np.frombuffer(r.content, np.uint8), cv2.IMREAD_COLOR)
-    assert image.shape == (240, 320, 3)
+    assert image is not None and image.shape == (240, 320, 3)
     reads = world.store.reads
     assert admin.get("/api/v1/frames/cam1/c1-dog/thumbnail.jpg").content == r.content
     assert world.store.reads == reads  # served from the cache
