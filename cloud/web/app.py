@@ -186,6 +186,37 @@ def _has_route(app: FastAPI, path: str, method: str) -> bool:
     return (path, method) in route_table(app)
 
 
+PUBLIC_PATHS = ("/healthz", "/metrics", "/login", "/logout")
+"""Paths that answer without a login."""
+
+
+def _document_security(app: FastAPI) -> None:
+    """Declare HTTP Basic and the session cookie in the OpenAPI schema (every operation needs
+    one, except :data:`PUBLIC_PATHS`)."""
+    from fastapi.openapi.utils import get_openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version, description=app.description,
+                             routes=app.routes)
+        schema.setdefault("components", {})["securitySchemes"] = {
+            "basic": {"type": "http", "scheme": "basic",
+                      "description": "An account's user name and password (for scripts)."},
+            "session": {"type": "apiKey", "in": "cookie", "name": SESSION_COOKIE,
+                        "description": "The signed session cookie set by POST /login."},
+        }
+        schema["security"] = [{"basic": []}, {"session": []}]
+        for path, operations in schema.get("paths", {}).items():
+            if path in PUBLIC_PATHS:
+                for operation in operations.values():
+                    operation["security"] = []
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(ctx: WebContext, *, sse_heartbeat_s: float = api.SSE_HEARTBEAT_S,
                login_max_failures: int = 10, login_window_s: float = 300.0) -> FastAPI:
     """The application around ``ctx`` (stored as ``app.state.ctx``).
@@ -235,6 +266,7 @@ def create_app(ctx: WebContext, *, sse_heartbeat_s: float = api.SSE_HEARTBEAT_S,
 
     app.include_router(auth.router)
     app.include_router(api.router)
+    _document_security(app)
     _include_pages(app)
     if not _has_route(app, "/login", "GET"):
         app.add_api_route("/login", auth.login_page_fallback, methods=["GET"], include_in_schema=False,
