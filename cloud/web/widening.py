@@ -291,6 +291,13 @@ class QueryWidener:
                 logger.warning("query widening is off: %s", self.reason)
         return self._encoder
 
+    def warm(self) -> bool:
+        """Load the sentence encoder now (about 10 s; e.g. in a thread at start) so that the
+        first search does not wait for it. Returns :attr:`available` afterwards."""
+        with self._lock:
+            self._ensure_encoder()
+        return self.available
+
     def embedding(self, word: str) -> np.ndarray | None:
         """The query word's L2-normalised embedding (dim,), cached; None when unavailable."""
         with self._lock:

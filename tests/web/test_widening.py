@@ -31,6 +31,7 @@ def widener() -> QueryWidener:
         pytest.fail(f"the web extra is installed in CI: {widening.why_embeddings_unavailable()}")
     w = QueryWidener.for_model(None)
     assert w.available, w.reason
+    assert w.warm()
     return w
 
 
@@ -120,6 +121,7 @@ def test_missing_encoder_turns_widening_off(monkeypatch: pytest.MonkeyPatch,
         w = QueryWidener(SHIPPED)
     assert not w.available
     assert w.widen(["sedan", "lorry"]) == {}
+    assert not w.warm()
     assert w.in_vocabulary("dog")  # the word list still answers
     assert [r.getMessage() for r in caplog.records] == [
         "query widening is off: the Python package sentence-transformers is not installed"]
