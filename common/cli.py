@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "caption": ("cloud.captioning.caption", "caption image files"),
     "stack": ("common.stack", "start, stop or inspect the local mosquitto + SeaweedFS stack"),
     "demo": ("cloud.demo", "run the whole pipeline on a video with the local stack"),
+    "web": ("cloud.web.cli", "pages, search, live captions and alerts in a browser"),
 }
 
 
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     except ImportError as err:
         print(
             f"framecap {command}: cannot import {module_name} ({err}); "
-            "is the right extra installed (pip install 'framecap[edge]' or 'framecap[cloud]')?",
+            "is the right extra installed (pip install 'framecap[edge]', 'framecap[cloud]' or 'framecap[web]')?",
             file=sys.stderr,
         )
         return 2

@@ -44,7 +44,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-Listener = Callable[[CaptionDoc], None]
+Listener = Callable[[CaptionDoc], object]
 """Called with each caption the feed hears for the first time, after it is indexed."""
 
 DEFAULT_BATCH_SIZE = 200
