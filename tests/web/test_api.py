@@ -552,3 +552,18 @@ def test_two_apps_do_not_share_metrics(tmp_path: Path) -> None:
 def test_security_headers(admin: TestClient) -> None:
     r = admin.get("/api/v1/status")
     assert r.headers["x-content-type-options"] == "nosniff" and r.headers["x-frame-options"] == "DENY"
+
+
+def test_page_routes_answer_errors_as_html_and_api_routes_as_json(world: World) -> None:
+    c = world.client()
+    c.post("/login", data={"username": ADMIN[0], "password": ADMIN[1]})
+    html_accept = {"accept": "text/html,application/xhtml+xml"}
+    for url in ("/no-such-page", "/frames/cam1/%2e%2e", "/devices/cam9"):
+        r = c.get(url, headers=html_accept)
+        assert 400 <= r.status_code < 500, (url, r.status_code)
+        assert r.headers["content-type"].startswith("text/html"), url
+        assert "Traceback" not in r.text
+    r = c.get("/api/v1/frames/cam1/%2e%2e", headers=html_accept)
+    assert r.status_code == 422 and r.headers["content-type"] == "application/json"
+    r = c.get("/no-such-page")  # a script (no text/html): JSON
+    assert r.status_code == 404 and "no such page" in r.json()["detail"]
