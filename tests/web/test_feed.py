@@ -76,11 +76,12 @@ def web_config(stack_ns: Any, tmp_path: Path, **fields: Any) -> WebConfig:
 
 
 @pytest.fixture
-def running_feed(stack_ns: Any, tmp_path: Path, sqlite_index: CaptionIndex,
+def running_feed(stack_ns: Any, tmp_path: Path, caption_index: CaptionIndex,
                  wait_until: Callable[..., bool]) -> Iterator[tuple[CaptionFeed, LiveHub, WebMetrics]]:
-    """A started feed (account ``web``) on the test's prefix, publishing to a live hub."""
+    """A started feed (account ``web``) on the test's prefix, publishing to a live hub, over
+    each index backend (``caption_index``: SQLite and PostgreSQL)."""
     hub, metrics = LiveHub(), WebMetrics()
-    feed = CaptionFeed(web_config(stack_ns, tmp_path), sqlite_index, on_new=[hub.publish], metrics=metrics,
+    feed = CaptionFeed(web_config(stack_ns, tmp_path), caption_index, on_new=[hub.publish], metrics=metrics,
                        s3_probe_interval_s=0)
     feed.start()
     try:
@@ -109,12 +110,12 @@ def test_client_id_is_per_process() -> None:
 
 
 def test_a_worker_caption_is_indexed_and_reaches_a_live_client(
-    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, sqlite_index: CaptionIndex,
+    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, caption_index: CaptionIndex,
     wait_until: Callable[..., bool],
 ) -> None:
     feed, hub, metrics = running_feed
     cam = stack_ns.device("cam")
-    subscribed(feed, stack_ns, sqlite_index, wait_until, cam)
+    subscribed(feed, stack_ns, caption_index, wait_until, cam)
     worker = Publisher(stack_ns.mqtt_config("worker"))
     sent = record(cam, "f0001", "a red truck parked on a street")
 
@@ -129,8 +130,8 @@ def test_a_worker_caption_is_indexed_and_reaches_a_live_client(
     finally:
         worker.close()
     assert live == CaptionDoc.from_record(sent)
-    assert wait_until(lambda: sqlite_index.count() == 1, 10)
-    assert sqlite_index.get(cam, "f0001") == CaptionDoc.from_record(sent)
+    assert wait_until(lambda: caption_index.count() == 1, 10)
+    assert caption_index.get(cam, "f0001") == CaptionDoc.from_record(sent)
     assert feed.counters["new"] == 1 and hub.published == 1
     assert metrics.registry.get_sample_value("framecap_web_captions_indexed_total") == 1
     status = feed.feed_status()
@@ -138,12 +139,12 @@ def test_a_worker_caption_is_indexed_and_reaches_a_live_client(
 
 
 def test_bad_and_foreign_captions_are_skipped_and_counted_and_duplicates_told_once(
-    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, sqlite_index: CaptionIndex,
+    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, caption_index: CaptionIndex,
     wait_until: Callable[..., bool], caplog: pytest.LogCaptureFixture,
 ) -> None:
     feed, hub, metrics = running_feed
     cam, other = stack_ns.device("cam"), stack_ns.device("other")
-    subscribed(feed, stack_ns, sqlite_index, wait_until, cam)
+    subscribed(feed, stack_ns, caption_index, wait_until, cam)
     worker = Publisher(stack_ns.mqtt_config("worker"))
     t = stack_ns.topics
     try:
@@ -155,12 +156,12 @@ def test_bad_and_foreign_captions_are_skipped_and_counted_and_duplicates_told_on
         worker.publish(t.captions(cam), good.to_json())  # redelivered: indexed again, told once
         worker.publish(t.captions(cam), record(cam, "f-last", at=T0 + timedelta(seconds=1)).to_json())
         # one publisher's QoS 1 messages arrive in order: once f-last is in, the rest was seen
-        assert wait_until(lambda: sqlite_index.get(cam, "f-last") is not None, 10)
+        assert wait_until(lambda: caption_index.get(cam, "f-last") is not None, 10)
     finally:
         worker.close()
     assert wait_until(lambda: feed.counters.get("new") == 2, 5)
-    assert sqlite_index.count() == 2
-    assert sqlite_index.get(other, "f-foreign") is None and sqlite_index.get(cam, "f-foreign") is None
+    assert caption_index.count() == 2
+    assert caption_index.get(other, "f-foreign") is None and caption_index.get(cam, "f-foreign") is None
     counters = feed.counters
     assert counters["invalid"] == 2 and counters["mismatched"] == 1, counters
     assert hub.published == 2
@@ -172,7 +173,7 @@ def test_bad_and_foreign_captions_are_skipped_and_counted_and_duplicates_told_on
 
 
 def test_retained_status_shows_in_devices(
-    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, sqlite_index: CaptionIndex,
+    running_feed: tuple[CaptionFeed, LiveHub, WebMetrics], stack_ns: Any, caption_index: CaptionIndex,
     wait_until: Callable[..., bool],
 ) -> None:
     feed, _, _ = running_feed
@@ -180,13 +181,13 @@ def test_retained_status_shows_in_devices(
     dev = Publisher(stack_ns.mqtt_config(cam))
     try:
         dev.publish(stack_ns.topics.status(cam), "offline", retain=True)
-        assert wait_until(lambda: [(d.device_id, d.status) for d in sqlite_index.devices(None, today_start=T0)]
+        assert wait_until(lambda: [(d.device_id, d.status) for d in caption_index.devices(None, today_start=T0)]
                           == [(cam, "offline")], 10)
         dev.publish(stack_ns.topics.status(cam), "online", retain=True)
-        assert wait_until(lambda: sqlite_index.devices([cam], today_start=T0)[0].status == "online", 10)
+        assert wait_until(lambda: caption_index.devices([cam], today_start=T0)[0].status == "online", 10)
         dev.publish(stack_ns.topics.status(cam), "rebooting", retain=True)  # not a status: skipped
         dev.publish(stack_ns.topics.status(cam), "offline", retain=True)
-        assert wait_until(lambda: sqlite_index.devices([cam], today_start=T0)[0].status == "offline", 10)
+        assert wait_until(lambda: caption_index.devices([cam], today_start=T0)[0].status == "offline", 10)
     finally:
         dev.publish(stack_ns.topics.status(cam), b"", retain=True)  # clear the retained message
         dev.close()
@@ -210,7 +211,7 @@ def test_a_new_feed_hears_retained_status_of_devices_seen_before(
 
 
 def test_reindex_indexes_the_good_objects_and_counts_the_bad(
-    stack_ns: Any, sqlite_index: CaptionIndex, caplog: pytest.LogCaptureFixture,
+    stack_ns: Any, caption_index: CaptionIndex, caplog: pytest.LogCaptureFixture,
 ) -> None:
     store = stack_ns.storage()
     n = 23
@@ -221,15 +222,15 @@ def test_reindex_indexes_the_good_objects_and_counts_the_bad(
     store.put(corrupt, b'{"schema_version": 1, "frame_id": "broken", "capt', content_type="application/json")
     store.put("captions/cam1/README.txt", b"not a caption record")  # not .json: not listed
     metrics = WebMetrics()
-    result = reindex(store, sqlite_index, progress=False, batch_size=5, workers=3, metrics=metrics)
+    result = reindex(store, caption_index, progress=False, batch_size=5, workers=3, metrics=metrics)
     assert (result.listed, result.indexed, result.new, result.skipped, result.failed) == (n + 1, n, n, 1, 0)
-    assert sqlite_index.count() == n
+    assert caption_index.count() == n
     for r in sent:
-        assert sqlite_index.get(r.device_id, r.frame_id) == CaptionDoc.from_record(r)
+        assert caption_index.get(r.device_id, r.frame_id) == CaptionDoc.from_record(r)
     assert any(corrupt in m and "not JSON" in m for m in caplog.messages)
     assert metrics.registry.get_sample_value("framecap_web_invalid_captions_total", {"source": "s3"}) == 1
-    again = reindex(store, sqlite_index, progress=False)  # idempotent: replaced, none new
-    assert (again.indexed, again.new, again.skipped) == (n, 0, 1) and sqlite_index.count() == n
+    again = reindex(store, caption_index, progress=False)  # idempotent: replaced, none new
+    assert (again.indexed, again.new, again.skipped) == (n, 0, 1) and caption_index.count() == n
 
 
 def test_reindex_skips_a_record_stored_under_another_devices_key(stack_ns: Any, sqlite_index: CaptionIndex) -> None:

@@ -239,8 +239,12 @@ def test_serve_runs_the_feed_and_api_and_stops_cleanly_on_sigterm(
         try:  # until the feed is subscribed, a caption may pass unheard: resend (idempotent)
             live = record(cam, f"live-{uuid.uuid4().hex[:6]}", "a red truck on a road")
             topic = stack_ns.topics.captions(cam)
-            assert wait_until(lambda: worker.publish(topic, live.to_json(), qos=1).wait_for_publish(5)
-                              or hits("truck"), 30, 0.5)
+
+            def sent_and_found() -> bool:
+                worker.publish(topic, live.to_json(), qos=1).wait_for_publish(5)
+                return bool(hits("truck"))
+
+            assert wait_until(sent_and_found, 30, 0.5)
         finally:
             worker.disconnect()
             worker.loop_stop()
