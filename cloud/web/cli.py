@@ -395,7 +395,16 @@ def serve(config: WebConfig) -> int:
     feed.start()
     if config.reindex_at_start:
         feed.reindex_in_background()
-    threading.Thread(target=alerts.warm, name="alerts-warm", daemon=True).start()
+
+    def warm() -> None:  # load the widening encoder and compile the rules before they are needed
+        try:
+            if widener is not None:
+                widener.warm()
+            alerts.warm()
+        except Exception:  # noqa: BLE001 - both load lazily again on first use
+            logger.exception("warming the query widener and alert rules failed")
+
+    threading.Thread(target=warm, name="web-warm", daemon=True).start()
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     logger.info("framecap web on %s (index %s, MQTT %s:%d as %s, prefix %s)", url, config.index_display(),
