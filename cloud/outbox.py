@@ -2,9 +2,10 @@
 
 Before writing a caption record the worker puts a marker ``outbox/{client_id}/{caption_key}``
 and deletes it only when the broker has acknowledged (PUBACK) the caption's publish, or when
-another replica wrote the record first. A marker left by a worker killed in between is found
-by a later listing and its record published again: at once for the worker's own markers after
-a restart, after one more listing for another replica's (it may still be publishing).
+another replica wrote the record first. A marker left by a worker killed in between, or kept
+because the broker refused the publish (MQTT v5 PUBACK failure, e.g. "not authorized": the
+caption was not delivered), is found by a later listing and its record published again: at
+once for the worker's own markers after a restart, after one more listing otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class CaptionOutbox:
         self.mine = f"{OUTBOX_PREFIX}{client_id.replace('/', '_')}/"
         self._by_mid: dict[int, str] = {}  # publish mid -> its outbox marker key
         self._early_pubacks: set[int] = set()  # PUBACKs that came before the mid was recorded
+        self._early_refusals: set[int] = set()  # refusals that came before the mid was recorded
         self._lock = threading.Lock()  # never held while calling paho (its own locks)
         self._done: queue.Queue[str] = queue.Queue()  # markers whose publish was acked
         self._seen: set[str] | None = None  # markers of the previous listing
@@ -51,6 +53,9 @@ class CaptionOutbox:
         """A caption was published with ``mid``; its marker goes when the PUBACK comes (which
         may have come already, before publish() returned)."""
         with self._lock:
+            if mid in self._early_refusals:  # refused already: the marker stays
+                self._early_refusals.discard(mid)
+                return
             if mid in self._early_pubacks:
                 self._early_pubacks.discard(mid)
                 acked = True
@@ -68,6 +73,15 @@ class CaptionOutbox:
                 self._early_pubacks.add(mid)
         if marker is not None:
             self._done.put(marker)
+
+    def refused(self, mid: int) -> str | None:
+        """MQTT network thread: the broker refused publish ``mid`` (not delivered). Its marker
+        stays, so a later listing publishes the record again. Returns the marker if known."""
+        with self._lock:
+            marker = self._by_mid.pop(mid, None)
+            if marker is None:
+                self._early_refusals.add(mid)
+        return marker
 
     def done(self, marker: str) -> None:
         """``marker`` can go (nothing to wait for)."""

@@ -16,9 +16,11 @@ S3 outages are logged once and retried until S3 returns.
 
 No caption is lost between S3 and MQTT: before writing a record the worker puts a marker
 ``outbox/{client_id}/{caption_key}`` and deletes it only when the broker has acknowledged
-(PUBACK) the caption's publish (or another replica wrote the record first). A worker killed in between leaves the marker;
-the next listing republishes the record: at once for the worker's own markers after a restart,
-after one more listing interval for another replica's (it may still be publishing). So the
+(PUBACK) the caption's publish (or another replica wrote the record first). A worker killed in
+between leaves the marker, and so does a publish the broker refuses (PUBACK reason code >= 0x80,
+e.g. "not authorized": logged at ERROR, counted as ``publish_refused``); the next listing
+republishes the record: at once for the worker's own markers after a restart, after one more
+listing interval otherwise (another replica may still be publishing). So the
 device gets every caption at least once (a kill right after the PUBACK may repeat one; the
 edge drops repeats by frame_id).
 """
@@ -172,6 +174,7 @@ class CaptionWorker(CloudService):
         if mqtt_enabled:
             client = MqttClient(self.config.mqtt, self.client_id, clean_start=False)
             client.on_published(self._on_published)
+            client.on_publish_refused(self._on_publish_refused)
             client.subscribe(self.topics.shared(self.config.share_group, "acks"), self._on_ack, 1)
             client.start()
             self._client = client
@@ -249,6 +252,14 @@ class CaptionWorker(CloudService):
         """MQTT network thread: a publish was acknowledged; its marker can go (batch thread)."""
         self._outbox.acknowledged(mid)
 
+    def _on_publish_refused(self, mid: int, reason: str) -> None:
+        """MQTT network thread: the broker refused a caption publish; its marker stays."""
+        self._count("publish_refused")
+        marker = self._outbox.refused(mid)
+        logger.info("worker: caption publish %s refused by the broker (%s): not delivered; its "
+                    "outbox marker stays and a later listing publishes it again",
+                    caption_key_of(marker) if marker else f"mid {mid}", reason)
+
     def _publish_caption(self, device_id: str, body: bytes, marker: str) -> None:
         """Publish a caption record at QoS 1; its outbox marker is deleted on the PUBACK."""
         if self._client is None:  # no MQTT (batch use): nothing to wait for
@@ -289,7 +300,8 @@ class CaptionWorker(CloudService):
                 store.delete(marker)
                 continue
             logger.warning("worker: frame %s of device %s: caption written but its publish not "
-                           "acknowledged (a worker died); publishing it again",
+                           "acknowledged (a worker died, or the broker refused it); publishing "
+                           "it again",
                            record.frame_id, record.device_id)
             self._count("republished")
             self._publish_caption(record.device_id, body, marker)

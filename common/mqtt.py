@@ -2,8 +2,18 @@
 
 What it adds to paho (after frigate's ``frigate/comms/mqtt.py``, doing better where STYLE.md
 asks): callback API VERSION2; a last will; ``connect_async`` + ``loop_start`` with reconnect
-backoff; subscriptions remembered and renewed on every (re)connect; a failed CONNACK is logged
-and nothing else happens on it; a handler that raises is logged and never reaches paho's loop.
+backoff; subscriptions remembered and renewed on every (re)connect; a handler that raises is
+logged and never reaches paho's loop; and every answer of the broker said in words (STYLE.md
+item 10), with a hint where the cause is usually ours:
+
+- a connection that fails (socket error: refused, name not resolved, timeout, TLS; or a CONNACK
+  failure) is logged with host:port and the cause, first at WARNING (ERROR for a CONNACK
+  refusal), then at most every :data:`CONNECT_LOG_EVERY_S` seconds while it keeps failing;
+- a QoS>0 publish the broker refuses (MQTT v5 PUBACK reason code >= 0x80, e.g. mosquitto's
+  135 "Not authorized" for an ACL-denied topic) is NOT delivered: the ``on_published`` hooks
+  are not called, the ``on_publish_refused`` hooks are, and it is logged at ERROR once per topic
+  (then at DEBUG with a count; :attr:`MqttClient.publishes_refused` counts them all);
+- a refused subscription (SUBACK failure) is logged at ERROR with its filter.
 
 Spec: MQTT Version 5.0, OASIS Standard (2019): user properties (3.3.2.3.7), shared
 subscriptions (4.8.2), session expiry (3.1.2.11.2).
@@ -16,10 +26,13 @@ the client was made with ``manual_ack=True``.
 from __future__ import annotations
 
 import logging
+import socket
 import ssl
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
@@ -29,8 +42,133 @@ from paho.mqtt.reasoncodes import ReasonCode
 from common.config import MqttConfig
 
 logger = logging.getLogger(__name__)
+paho_logger = logging.getLogger(f"{__name__}.paho")  # paho's own warnings and errors
 
 MessageHandler = Callable[[mqtt.MQTTMessage], None]
+
+CONNECT_LOG_EVERY_S = 30.0  # while a connection keeps failing, repeat its log line this often
+
+# MQTT v5 reason codes (MQTT Version 5.0, 2.4 "Reason Code") in a sentence each: what the
+# broker meant, and where to look. Only failures (>= 0x80) are listed.
+CONNACK_REASONS: dict[int, str] = {
+    128: "unspecified error: the broker refused the connection without saying why",
+    129: "malformed packet: the broker could not parse the CONNECT",
+    130: "protocol error in the CONNECT",
+    131: "implementation specific error: the broker refused the connection (see its log)",
+    132: "unsupported protocol version: the broker does not speak MQTT v5",
+    133: "client identifier not valid: the broker refuses this client_id",
+    134: "bad user name or password: check mqtt.username and $FRAMECAP_MQTT_PASSWORD",
+    135: "not authorized: this user may not connect to the broker",
+    136: "server unavailable",
+    137: "server busy: try again later",
+    138: "banned: the broker bans this client",
+    140: "bad authentication method",
+    144: "topic name invalid (the last-will topic)",
+    149: "packet too large: the CONNECT exceeds the broker's maximum packet size",
+    151: "quota exceeded",
+    153: "payload format invalid (the last-will payload)",
+    154: "retain not supported (the last will is retained)",
+    155: "QoS not supported (the last will's QoS)",
+    156: "use another server: the broker redirects this client elsewhere",
+    157: "server moved: the broker has moved elsewhere",
+    159: "connection rate exceeded: the broker limits how often a client may connect",
+}
+PUBACK_REASONS: dict[int, str] = {
+    128: "unspecified error: the broker did not accept the message",
+    131: "implementation specific error: the broker did not accept the message (see its log)",
+    135: "not authorized: the broker's ACL does not let this user publish on this topic",
+    144: "topic name invalid: the broker does not accept this topic name",
+    145: "packet identifier in use: the broker still holds a message with this id",
+    151: "quota exceeded: the broker's limits (queue, rate, size) refused the message",
+    153: "payload format invalid: the payload does not match its payload format indicator",
+}
+SUBACK_REASONS: dict[int, str] = {
+    128: "unspecified error: the broker did not accept the subscription",
+    131: "implementation specific error: the broker did not accept the subscription (see its log)",
+    135: "not authorized: the broker's ACL does not let this user subscribe to this filter",
+    143: "topic filter invalid: the broker does not accept this filter",
+    145: "packet identifier in use",
+    151: "quota exceeded: the broker's limits refused the subscription",
+    158: "shared subscriptions not supported by the broker ($share/...)",
+    161: "subscription identifiers not supported by the broker",
+    162: "wildcard subscriptions not supported by the broker (+ or #)",
+}
+_REASONS = {"CONNACK": CONNACK_REASONS, "PUBACK": PUBACK_REASONS, "SUBACK": SUBACK_REASONS}
+
+
+def reason_sentence(packet: Literal["CONNACK", "PUBACK", "SUBACK"], code: ReasonCode | int) -> str:
+    """``code`` (an MQTT v5 reason code of ``packet``) as a sentence ending in ``(code N)``.
+
+    Codes not in the tables (successes, or codes the standard does not list for ``packet``)
+    get paho's name of the code, or "reason code N".
+    """
+    value = code.value if isinstance(code, ReasonCode) else int(code)
+    text = _REASONS[packet].get(value)
+    if text is None:
+        text = str(code) if isinstance(code, ReasonCode) else f"reason code {value}"
+    return f"{text} (code {value})"
+
+
+def describe_socket_error(err: BaseException) -> str:
+    """A failed TCP/TLS connection attempt in words (the cause first, then Python's text)."""
+    if isinstance(err, socket.gaierror):
+        return f"host name not resolved ({err.strerror or err})"
+    if isinstance(err, ConnectionRefusedError):
+        return "connection refused (nothing listens on that port, or a firewall rejects it)"
+    if isinstance(err, (TimeoutError, socket.timeout)):
+        return "timed out (the host does not answer: down, wrong address, or a firewall drops it)"
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return f"TLS certificate not trusted: {err.verify_message or err} (check tls.ca_certs)"
+    if isinstance(err, ssl.SSLError):
+        return f"TLS handshake failed: {err.reason or err} (is the port a TLS listener?)"
+    if isinstance(err, ConnectionResetError):
+        return "connection reset by the broker"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror[0].lower() + err.strerror[1:]
+    return f"{type(err).__name__}: {err}"
+
+
+def publish_refused_hint(reason_code: int, username: str | None, topic_prefix: str) -> str:
+    """Where to look when the broker refuses a publish with ``reason_code``."""
+    if reason_code == 135:
+        return (f"user {username or '(anonymous)'} may not publish here: a device's user name "
+                f"must equal its device_id, topic_prefix ({topic_prefix!r}) must be the one the "
+                "broker's ACL grants, and a service must use its own account")
+    if reason_code == 151:
+        return "the broker's queue, rate or size limits refused it; see the broker's log"
+    return "see the broker's log"
+
+
+class _PahoClient(mqtt.Client):
+    """paho's client, remembering the ``OSError`` of the last failed connection attempt
+    (paho's ``on_connect_fail`` callback is told nothing about the cause)."""
+
+    last_connect_error: OSError | None = None
+
+    def reconnect(self) -> mqtt.MQTTErrorCode:
+        try:
+            rc = super().reconnect()
+        except OSError as err:
+            self.last_connect_error = err
+            raise
+        self.last_connect_error = None
+        return rc
+
+
+class _PahoLogFilter(logging.Filter):
+    """paho's own log lines: drop its per-packet DEBUG trace and the "Client is not connected"
+    it logs at each failed attempt (we say why, rate-limited); its other ERRORs (a socket that
+    failed to receive, a callback that raised) become WARNINGs, as we log the outcome too."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO or str(record.msg).startswith("Client is not connected"):
+            return False
+        if record.levelno >= logging.ERROR:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
+paho_logger.addFilter(_PahoLogFilter())
 
 
 @dataclass(frozen=True)
@@ -76,15 +214,35 @@ class MqttClient:
         self.config = config
         self.client_id = client_id
         self._clean_start = clean_start
+        self._manual_ack = manual_ack
         self._subscriptions: dict[str, tuple[int, MessageHandler]] = {}
         self._lock = threading.Lock()
         self._connected = threading.Event()
         self._connect_callbacks: list[Callable[[bool], None]] = []
         self._disconnect_callbacks: list[Callable[[], None]] = []
         self._publish_callbacks: list[Callable[[int], None]] = []
+        self._refused_callbacks: list[Callable[[int, str], None]] = []
         self.last_connack_failure: str | None = None
+        self.last_connect_error: str | None = None  # why the last attempt failed; None once connected
+        self.connect_failures = 0  # failed attempts since the last successful connection
+        self._failing_since: float | None = None
+        self._problem_logged: str | None = None  # the connection problem last logged, and when
+        self._problem_logged_at = 0.0
+        self._connack_refused = False  # this attempt's CONNACK was a failure (logged already)
+        # Best effort (paho may call back before publish()/subscribe() return): mid -> topic of
+        # QoS>0 publishes awaiting their PUBACK, PUBACK failures that came before their mid was
+        # recorded, and the same for SUBACKs. Keyed by mid (1..65535), so bounded.
+        self._pub_topics: dict[int, str] = {}
+        self._early_refusals: dict[int, tuple[int, str]] = {}
+        self._sub_filters: dict[int, str] = {}
+        self._early_subacks: dict[int, list[ReasonCode]] = {}
+        self._refused_by_topic: dict[str, int] = {}
+        self._refused_total = 0
+        # Never held while calling into paho: paho calls on_publish holding its own
+        # out-message mutex, which publish() takes too (a lock held across both would deadlock).
+        self._mids_lock = threading.Lock()
 
-        client = mqtt.Client(
+        client = _PahoClient(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
             client_id=client_id,
             protocol=mqtt.MQTTv5,
@@ -116,6 +274,9 @@ class MqttClient:
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
         client.on_publish = self._on_publish
+        client.on_subscribe = self._on_subscribe
+        client.on_connect_fail = self._on_connect_fail
+        client.enable_logger(paho_logger)
         self._client = client
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -166,15 +327,46 @@ class MqttClient:
         self._disconnect_callbacks.append(callback)
 
     def on_published(self, callback: Callable[[int], None]) -> None:
-        """Call ``callback(mid)`` when the broker has acknowledged a QoS>0 publish."""
+        """Call ``callback(mid)`` when the broker has accepted a QoS>0 publish (PUBACK with a
+        success code; also called for QoS 0 publishes once written to the socket)."""
         self._publish_callbacks.append(callback)
+
+    def on_publish_refused(self, callback: Callable[[int, str], None]) -> None:
+        """Call ``callback(mid, reason)`` when the broker refuses a QoS>0 publish (PUBACK reason
+        code >= 0x80, e.g. 135 "not authorized"): the message was NOT delivered, and paho will
+        not send it again. ``reason`` is :func:`reason_sentence`. Runs on paho's network thread
+        while paho holds its out-message lock: queue the work, never publish from it."""
+        self._refused_callbacks.append(callback)
+
+    @property
+    def publishes_refused(self) -> int:
+        """QoS>0 publishes the broker refused since this client was made."""
+        with self._mids_lock:
+            return self._refused_total
+
+    def refused_topics(self) -> dict[str, int]:
+        """Refused publishes per topic (a copy; topics of early refusals may be missing)."""
+        with self._mids_lock:
+            return dict(self._refused_by_topic)
 
     def subscribe(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
         """Subscribe now if connected, and again after every reconnect."""
         with self._lock:
             self._subscriptions[topic_filter] = (qos, handler)
         if self.is_connected:
-            self._client.subscribe(topic_filter, qos)
+            self._subscribe(topic_filter, qos)
+
+    def _subscribe(self, topic_filter: str, qos: int) -> None:
+        """Send a SUBSCRIBE and remember its mid, so a refusal can name the filter."""
+        rc, mid = self._client.subscribe(topic_filter, qos)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return  # not connected: renewed by the next connect
+        with self._mids_lock:
+            early = self._early_subacks.pop(mid, None)
+            if early is None:
+                self._sub_filters[mid] = topic_filter
+        if early is not None:
+            self._log_suback(topic_filter, early)
 
     # -- traffic -------------------------------------------------------------------------
     def publish(
@@ -186,12 +378,24 @@ class MqttClient:
         retain: bool = False,
         user_properties: Sequence[tuple[str, str]] | None = None,
     ) -> mqtt.MQTTMessageInfo:
-        """Publish; paho queues it in memory while disconnected. Returns paho's info (``mid``)."""
+        """Publish; paho queues it in memory while disconnected. Returns paho's info (``mid``).
+
+        A QoS>0 publish ends in exactly one of the ``on_published`` (accepted) or
+        ``on_publish_refused`` (refused, not delivered) hooks, unless the session is lost.
+        """
         props = None
         if user_properties:
             props = Properties(PacketTypes.PUBLISH)
             props.UserProperty = list(user_properties)
-        return self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
+        if qos > 0:
+            with self._mids_lock:
+                early = self._early_refusals.pop(info.mid, None)
+                if early is None:
+                    self._pub_topics[info.mid] = topic
+            if early is not None:
+                self._log_refusal(topic, info.mid, *early)
+        return info
 
     def ack(self, mid: int, qos: int) -> None:
         """Send the PUBACK of a message received with ``manual_ack=True``."""
@@ -211,27 +415,41 @@ class MqttClient:
         try:
             if reason_code.is_failure:
                 self.last_connack_failure = str(reason_code)
-                logger.error(
-                    "mqtt %s: broker %s:%d refused the connection: %s",
-                    self.client_id,
-                    self.config.host,
-                    self.config.port,
-                    reason_code,
+                self._connack_refused = True
+                self._connect_problem(
+                    f"the broker refused the connection: {reason_sentence('CONNACK', reason_code)}",
+                    logging.ERROR,
                 )
                 return
             self.last_connack_failure = None
             session_present = bool(getattr(flags, "session_present", False))
-            logger.info(
-                "mqtt %s: connected to %s:%d (session present: %s)",
-                self.client_id,
-                self.config.host,
-                self.config.port,
-                session_present,
-            )
+            if self.connect_failures:
+                logger.info(
+                    "mqtt %s: connected to %s:%d after %d failed attempts in %.0f s "
+                    "(session present: %s)",
+                    self.client_id,
+                    self.config.host,
+                    self.config.port,
+                    self.connect_failures,
+                    time.monotonic() - (self._failing_since or time.monotonic()),
+                    session_present,
+                )
+            else:
+                logger.info(
+                    "mqtt %s: connected to %s:%d (session present: %s)",
+                    self.client_id,
+                    self.config.host,
+                    self.config.port,
+                    session_present,
+                )
+            self.connect_failures = 0
+            self.last_connect_error = None
+            self._failing_since = None
+            self._problem_logged = None
             with self._lock:
                 subs = list(self._subscriptions.items())
             for topic_filter, (qos, _) in subs:
-                client.subscribe(topic_filter, qos)
+                self._subscribe(topic_filter, qos)
             self._connected.set()
             for callback in list(self._connect_callbacks):
                 callback(session_present)
@@ -249,6 +467,13 @@ class MqttClient:
         try:
             was = self._connected.is_set()
             self._connected.clear()
+            if not was and reason_code.is_failure and not self._connack_refused:
+                self._connect_problem(
+                    f"the connection closed before the broker accepted it ({reason_code}; "
+                    "a TLS listener reached without TLS, or a broker that drops this client)",
+                    logging.WARNING,
+                )
+            self._connack_refused = False
             if was and reason_code.is_failure:
                 logger.warning("mqtt %s: connection lost: %s", self.client_id, reason_code)
             elif was:
@@ -267,10 +492,139 @@ class MqttClient:
         properties: Properties,
     ) -> None:
         try:
+            if reason_code.is_failure:
+                code = int(reason_code.value)
+                reason = reason_sentence("PUBACK", reason_code)
+                with self._mids_lock:
+                    self._refused_total += 1
+                    topic = self._pub_topics.pop(mid, None)
+                    if topic is None:  # publish() has not recorded the mid yet: it logs
+                        self._early_refusals[mid] = (code, reason)
+                if topic is not None:
+                    self._log_refusal(topic, mid, code, reason)
+                for refused in list(self._refused_callbacks):
+                    refused(mid, reason)
+                return
+            with self._mids_lock:
+                self._pub_topics.pop(mid, None)
             for callback in list(self._publish_callbacks):
                 callback(mid)
         except Exception:  # noqa: BLE001
             logger.exception("mqtt %s: error in publish handling (mid %s)", self.client_id, mid)
+
+    def _log_refusal(self, topic: str, mid: int, code: int, reason: str) -> None:
+        """ERROR the first time a topic is refused, then DEBUG with the count."""
+        with self._mids_lock:
+            count = self._refused_by_topic.get(topic, 0) + 1
+            self._refused_by_topic[topic] = count
+        if count == 1:
+            logger.error(
+                "mqtt %s: the broker %s:%d refused a publish on %s: %s; the message was not "
+                "delivered. Hint: %s. Further refusals on this topic are logged at DEBUG.",
+                self.client_id,
+                self.config.host,
+                self.config.port,
+                topic,
+                reason,
+                publish_refused_hint(code, self.config.username, self.config.topic_prefix),
+            )
+        else:
+            logger.debug(
+                "mqtt %s: publish on %s refused again (mid %d, %d refusals on it): %s",
+                self.client_id,
+                topic,
+                mid,
+                count,
+                reason,
+            )
+
+    def _on_subscribe(
+        self,
+        client: mqtt.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        try:
+            with self._mids_lock:
+                topic_filter = self._sub_filters.pop(mid, None)
+                if topic_filter is None and any(rc.is_failure for rc in reason_codes):
+                    self._early_subacks[mid] = list(reason_codes)
+            if topic_filter is not None:
+                self._log_suback(topic_filter, reason_codes)
+        except Exception:  # noqa: BLE001
+            logger.exception("mqtt %s: error in subscribe handling (mid %s)", self.client_id, mid)
+
+    def _log_suback(self, topic_filter: str, reason_codes: Sequence[ReasonCode]) -> None:
+        for rc in reason_codes:
+            if rc.is_failure:
+                logger.error(
+                    "mqtt %s: the broker %s:%d refused the subscription to %s: %s; nothing "
+                    "arrives from it. Hint: check topic_prefix (%r) and the broker's ACL for "
+                    "user %s.",
+                    self.client_id,
+                    self.config.host,
+                    self.config.port,
+                    topic_filter,
+                    reason_sentence("SUBACK", rc),
+                    self.config.topic_prefix,
+                    self.config.username or "(anonymous)",
+                )
+            else:
+                logger.debug("mqtt %s: subscribed to %s (%s)", self.client_id, topic_filter, rc)
+
+    def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
+        """paho: a connection attempt failed at the socket (before any CONNACK)."""
+        try:
+            err = getattr(client, "last_connect_error", None)
+            self._connect_problem(
+                describe_socket_error(err) if err is not None else "connection failed",
+                logging.WARNING,
+            )
+        except Exception:  # noqa: BLE001
+            logger.exception("mqtt %s: error in connect-failure handling", self.client_id)
+
+    def _connect_problem(self, problem: str, level: int) -> None:
+        """Log a failed connection attempt: at once if it is the first or a new problem, then
+        at most every CONNECT_LOG_EVERY_S seconds (DEBUG in between). Network thread only."""
+        now = time.monotonic()
+        self.connect_failures += 1
+        self.last_connect_error = problem
+        if self._failing_since is None:
+            self._failing_since = now
+        where = f"{self.config.host}:{self.config.port}{' (TLS)' if self.config.tls else ''}"
+        if self._problem_logged is None:
+            logger.log(
+                level,
+                "mqtt %s: cannot connect to %s: %s; retrying (every %g to %g s)",
+                self.client_id,
+                where,
+                problem,
+                self.config.reconnect_min_s,
+                self.config.reconnect_max_s,
+            )
+        elif problem != self._problem_logged or now - self._problem_logged_at >= CONNECT_LOG_EVERY_S:
+            logger.log(
+                level,
+                "mqtt %s: still cannot connect to %s after %d attempts in %.0f s: %s",
+                self.client_id,
+                where,
+                self.connect_failures,
+                now - self._failing_since,
+                problem,
+            )
+        else:
+            logger.debug(
+                "mqtt %s: connection attempt %d to %s failed: %s",
+                self.client_id,
+                self.connect_failures,
+                where,
+                problem,
+            )
+            return
+        self._problem_logged = problem
+        self._problem_logged_at = now
 
     def _on_message(self, client: mqtt.Client, userdata: object, message: mqtt.MQTTMessage) -> None:
         with self._lock:
@@ -288,3 +642,5 @@ class MqttClient:
                     )
                 return
         logger.debug("mqtt %s: no handler for %s", self.client_id, message.topic)
+        if self._manual_ack and message.qos > 0:  # nobody will ack it: do not leave it in flight
+            self.ack(message.mid, message.qos)

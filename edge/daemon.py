@@ -68,7 +68,9 @@ class EdgeSummary:
     """What a run did; :meth:`to_json` is the one-line summary ``framecap edge`` prints.
 
     ``frames_pending`` frames were left in the spool (not acked); ``drained`` is True when the
-    source ended and every frame was acked; ``error`` says why the run failed, if it did.
+    source ended and every frame was acked; ``publishes_refused`` counts frame publishes the
+    broker refused (MQTT v5 PUBACK failure, e.g. "not authorized": those frames stay in the
+    spool and are retried); ``error`` says why the run failed, if it did.
     """
 
     device_id: str
@@ -79,6 +81,7 @@ class EdgeSummary:
     captions_received: int = 0
     elapsed_s: float = 0.0
     frames_pending: int = 0
+    publishes_refused: int = 0  # publishes the broker refused (not delivered; frames kept)
     drained: bool = False
     stopped: bool = False
     source_ended_early: bool = False  # a video file gave fewer frames than it announced
@@ -150,6 +153,7 @@ class EdgeDaemon:
         if self._publisher is not None:
             s.frames_acked = self._publisher.stats.acked
             s.captions_received = self._publisher.stats.captions_received
+            s.publishes_refused = self._publisher.stats.refused
         if self._started:
             s.elapsed_s = time.monotonic() - self._started
         return EdgeSummary(**asdict(s))
@@ -222,6 +226,16 @@ class EdgeDaemon:
             logger.warning("%s: drain timeout (%.0f s): %d frames not acked stay in the spool %s",
                            self.device_id, self.config.drain_timeout_s, pending,
                            self.config.spool.directory)
+            assert self._publisher is not None
+            client = self._publisher.client
+            if not client.is_connected and client.last_connect_error:
+                logger.error("%s: the broker %s:%d was not reached: %s", self.device_id,
+                             client.config.host, client.config.port, client.last_connect_error)
+            refused = self._publisher.stats.refused
+            if refused:
+                logger.error("%s: the broker refused %d publishes (%s); check that the MQTT user "
+                             "name is the device_id and topic_prefix matches the broker's ACL",
+                             self.device_id, refused, self._publisher.last_refusal)
 
     def _wait_for_captions(self) -> None:
         """Wait up to wait_for_captions_s for the caption of every frame acked in this run

@@ -14,12 +14,24 @@ Delivery (at least once; the ingest's idempotent S3 key makes it exactly once in
 - a frame leaves the spool only when a :class:`FrameAck` for it arrives on the acks topic;
 - frames not acked are resent after every reconnect (the broker may have lost what it had
   PUBACKed, e.g. killed with SIGKILL) and ``resend_after_s`` after their last send; frames
-  found in the spool at start (a restart) are sent first.
+  found in the spool at start (a restart) are sent first;
+- a publish the broker refuses (MQTT v5 PUBACK reason code >= 0x80, e.g. 135 "not authorized"
+  when the ACL denies this user the frames topic) was not delivered: the frame stays in the
+  spool, is counted (:attr:`PublisherStats.refused`) and is sent again ``resend_after_s`` after
+  the refused send (the operator may fix the ACL meanwhile); never in a tight loop.
+
+Captions are written before they are acknowledged: the client uses manual acks, and a caption's
+PUBACK goes to the broker only once its line is in ``captions_jsonl`` (flushed and fsynced) and
+``on_caption``/printing are done. A kill in between means the broker delivers it again
+(persistent session) and the edge, which dedupes by frame_id only what it has written, writes
+it then. A failed write is retried every few seconds without acknowledging.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import queue
 import threading
 import time
@@ -40,6 +52,8 @@ from edge.spool import FrameSpool
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # worker thread wake-up period, seconds
+CAPTION_RETRY_MIN_S = 1.0  # first retry of a caption whose JSONL append failed, seconds
+CAPTION_RETRY_MAX_S = 30.0  # longest wait between such retries, seconds
 RECENT_CAPTIONS = 10_000  # frame_ids remembered to drop a caption delivered twice
 _QUEUED = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # paho keeps QoS 1 messages on NO_CONN
 
@@ -57,6 +71,8 @@ class PublisherStats:
     captions_repeated: int = 0  # a caption for a frame already captioned (at-least-once MQTT)
     captions_malformed: int = 0
     publish_errors: int = 0  # publishes paho refused (retried later)
+    refused: int = 0  # frame publishes the broker refused (PUBACK failure: not delivered; retried)
+    caption_write_errors: int = 0  # failed appends to captions_jsonl (retried, not acked meanwhile)
 
 
 @dataclass
@@ -64,7 +80,8 @@ class _InFlight:
     mid: int
     sent_at: float  # time.monotonic() of the last publish
     attempts: int
-    puback: bool = False  # the broker has acknowledged the last publish
+    puback: bool = False  # the broker has accepted the last publish
+    refused: bool = False  # the broker refused the last publish (resent after resend_after_s)
 
 
 def format_caption(record: CaptionRecord) -> str:
@@ -121,21 +138,28 @@ class FramePublisher:
         self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._in_flight: dict[str, _InFlight] = {}
         self._mids: dict[int, str] = {}
+        self.last_refusal: str | None = None  # the broker's reason for the last refused publish
+        # captions received but not yet written: frame_id -> (record, [(mid, qos)] to ack)
+        self._unwritten: OrderedDict[str, tuple[CaptionRecord, list[tuple[int, int]]]] = OrderedDict()
+        self._caption_retry_at = 0.0
+        self._caption_retry_s = CAPTION_RETRY_MIN_S
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.client = MqttClient(
             mqtt_config,
             mqtt_config.client_id or f"framecap-edge-{device_id}",
             will=Will(self._status_topic, STATUS_OFFLINE.encode(), qos=1, retain=True),
+            manual_ack=True,  # a caption is acked once written (see the module doc)
             clean_start=False,
         )
         self.client.on_connected(self._on_connected)
         self.client.on_disconnected(lambda: self._events.put(("disconnected", None)))
         self.client.on_published(lambda mid: self._events.put(("puback", mid)))
-        self.client.subscribe(self.topics.acks(device_id), lambda m: self._events.put(("ack", m.payload)))
-        self.client.subscribe(
-            self.topics.captions(device_id), lambda m: self._events.put(("caption", m.payload))
-        )
+        self.client.on_publish_refused(lambda mid, reason: self._events.put(("refused", (mid, reason))))
+        self.client.subscribe(self.topics.acks(device_id),
+                              lambda m: self._events.put(("ack", (m.payload, m.mid, m.qos))))
+        self.client.subscribe(self.topics.captions(device_id),
+                              lambda m: self._events.put(("caption", (m.payload, m.mid, m.qos))))
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -154,6 +178,10 @@ class FramePublisher:
         self.notify()
         if self._thread is not None:
             self._thread.join(timeout_s)
+        if self._unwritten:
+            logger.warning("%s: %d captions could not be written to %s; not acknowledged, so the "
+                           "broker delivers them again on the next start", self.device_id,
+                           len(self._unwritten), self.captions_jsonl)
         if self.client.is_connected:
             try:
                 info = self.client.publish(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
@@ -182,6 +210,8 @@ class FramePublisher:
         while not self._stop.is_set():
             try:
                 self._handle_events()
+                if self._unwritten and time.monotonic() >= self._caption_retry_at:
+                    self._retry_captions()
                 if self.client.is_connected:
                     self._resend_overdue()
                     self._fill_window()
@@ -203,25 +233,41 @@ class FramePublisher:
 
     def _dispatch(self, kind: str, value: Any) -> None:
         if kind == "ack":
-            self._handle_ack(value)
+            self._handle_ack(*value)
         elif kind == "caption":
-            self._handle_caption(value)
+            self._handle_caption(*value)
         elif kind == "puback":
             frame_id = self._mids.pop(value, None)
             if frame_id is not None and frame_id in self._in_flight:
                 self._in_flight[frame_id].puback = True
                 logger.debug("%s: frame %s: broker has it (mid %d)", self.device_id, frame_id, value)
+        elif kind == "refused":
+            self._handle_refused(*value)
         elif kind == "connected":
             self._resend_after_reconnect()
         elif kind == "disconnected":
             logger.info("%s: offline; %d frames in flight will be resent", self.device_id, len(self._in_flight))
 
+    def _handle_refused(self, mid: int, reason: str) -> None:
+        """The broker refused publish ``mid``: not delivered; the frame stays spooled and in
+        flight (so the window does not send it at once) until its resend time."""
+        self.last_refusal = reason
+        frame_id = self._mids.pop(mid, None)
+        if frame_id is None or frame_id not in self._in_flight:
+            return  # the status message, or a frame acked or forgotten meanwhile
+        self.stats.refused += 1
+        item = self._in_flight[frame_id]
+        item.refused, item.puback = True, False
+        logger.info("%s: frame %s: the broker refused it (%s); it stays in the spool and is sent "
+                    "again in %g s", self.device_id, frame_id, reason, self.resend_after_s)
+
     def _resend_after_reconnect(self) -> None:
-        """Resend frames the broker had PUBACKed (it may have lost them); paho resends the rest."""
+        """Resend frames the broker had PUBACKed (it may have lost them); paho resends those
+        not yet answered; refused frames keep their resend time."""
         for frame_id, item in list(self._in_flight.items()):
             if item.puback:
                 self._publish(frame_id, reason="reconnect")
-            else:
+            elif not item.refused:
                 item.sent_at = time.monotonic()
 
     def _resend_overdue(self) -> None:
@@ -287,7 +333,18 @@ class FramePublisher:
             self._mids.pop(item.mid, None)
 
     # -- acks and captions ---------------------------------------------------------------
-    def _handle_ack(self, payload: bytes) -> None:
+    def _ack(self, mid: int | None, qos: int) -> None:
+        """Send the PUBACK of a received message (manual acks; nothing for QoS 0 or tests)."""
+        if mid is not None and qos > 0:
+            self.client.ack(mid, qos)
+
+    def _handle_ack(self, payload: bytes, mid: int | None = None, qos: int = 0) -> None:
+        try:
+            self._process_ack(payload)
+        finally:
+            self._ack(mid, qos)  # a frame whose ack is lost is simply resent and acked again
+
+    def _process_ack(self, payload: bytes) -> None:
         try:
             ack = FrameAck.from_json(payload)
         except MessageError as err:
@@ -313,18 +370,54 @@ class FramePublisher:
             logger.info("%s: frame %s: ack for a frame not in the spool (duplicate or dropped)",
                         self.device_id, ack.frame_id)
 
-    def _handle_caption(self, payload: bytes) -> None:
+    def _handle_caption(self, payload: bytes, mid: int | None = None, qos: int = 0) -> None:
+        """Write (JSONL, print, hook) a received caption, then acknowledge it to the broker."""
         try:
             record = CaptionRecord.from_json(payload)
         except MessageError as err:
             self.stats.captions_malformed += 1
             logger.warning("%s: malformed caption ignored: %s", self.device_id, err)
+            self._ack(mid, qos)
             return
         if record.frame_id in self._recent_captions:
             self.stats.captions_repeated += 1
             logger.info("%s: frame %s: caption received again (a republish); ignored",
                         self.device_id, record.frame_id)
+            self._ack(mid, qos)
             return
+        pending = self._unwritten.get(record.frame_id)
+        if pending is not None:  # delivered again while its write is being retried
+            if mid is not None:
+                pending[1].append((mid, qos))
+            return
+        if self._unwritten:  # writes are failing: queue behind the others, keep the order
+            self._unwritten[record.frame_id] = (record, [] if mid is None else [(mid, qos)])
+            return
+        self._caption_retry_s = CAPTION_RETRY_MIN_S
+        if not self._write_caption(record):
+            self._unwritten[record.frame_id] = (record, [] if mid is None else [(mid, qos)])
+            self._caption_retry_at = time.monotonic() + self._caption_retry_s
+            return
+        self._ack(mid, qos)
+
+    def _retry_captions(self) -> None:
+        """Write the captions whose append failed, oldest first; ack each once written."""
+        while self._unwritten:
+            frame_id, (record, mids) = next(iter(self._unwritten.items()))
+            if not self._write_caption(record, retry=True):
+                self._caption_retry_s = min(2 * self._caption_retry_s, CAPTION_RETRY_MAX_S)
+                self._caption_retry_at = time.monotonic() + self._caption_retry_s
+                return
+            del self._unwritten[frame_id]
+            for mid, qos in mids:
+                self._ack(mid, qos)
+        logger.info("%s: captions are written to %s again", self.device_id, self.captions_jsonl)
+
+    def _write_caption(self, record: CaptionRecord, retry: bool = False) -> bool:
+        """Append to the JSONL, then count, print and hand on the caption; False (nothing else
+        done) if the append failed."""
+        if self.captions_jsonl is not None and not self._append_jsonl(record, retry):
+            return False
         self._recent_captions[record.frame_id] = None
         if len(self._recent_captions) > RECENT_CAPTIONS:
             self._recent_captions.popitem(last=False)
@@ -337,23 +430,50 @@ class FramePublisher:
         logger.info("%s: frame %s captioned: %r", self.device_id, record.frame_id, record.caption)
         if self.print_captions:
             print(format_caption(record), flush=True)
-        if self.captions_jsonl is not None:
-            self._append_jsonl(record)
         if self.on_caption is not None:
             try:
                 self.on_caption(record)
             except Exception:  # noqa: BLE001 - a user hook must not stop the publisher
                 logger.exception("%s: frame %s: on_caption hook failed", self.device_id, record.frame_id)
+        return True
 
-    def _append_jsonl(self, record: CaptionRecord) -> None:
+    def _append_jsonl(self, record: CaptionRecord, retry: bool = False) -> bool:
+        """Append one line, flushed and fsynced; False (logged, a partial line cut off) if not."""
         assert self.captions_jsonl is not None
         try:
-            with open(self.captions_jsonl, "a", encoding="utf-8") as f:
-                f.write(record.model_dump_json() + "\n")
+            append_line(self.captions_jsonl, record.model_dump_json())
         except OSError as err:
-            logger.error("%s: frame %s: cannot append caption to %s: %s",
-                         self.device_id, record.frame_id, self.captions_jsonl, err)
+            self.stats.caption_write_errors += 1
+            log = logger.debug if retry else logger.error
+            log("%s: frame %s: cannot append caption to %s: %s; not acknowledged, retried in "
+                "%.0f s", self.device_id, record.frame_id, self.captions_jsonl, err,
+                self._caption_retry_s)
+            return False
+        return True
 
     def stats_dict(self) -> dict[str, int]:
         """The counters as a plain dict (for JSON)."""
         return asdict(self.stats)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append ``line`` and a newline to ``path``, flushed and fsynced (survives a kill and a
+    power cut). A failed write is cut back to the old length, so no partial line remains.
+
+    Raises:
+        OSError: the file cannot be opened, written or synced.
+    """
+    data = memoryview((line + "\n").encode("utf-8"))
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        start = os.fstat(fd).st_size
+        try:
+            while data:
+                data = data[os.write(fd, data):]
+            os.fsync(fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, start)
+            raise
+    finally:
+        os.close(fd)

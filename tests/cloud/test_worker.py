@@ -193,3 +193,37 @@ def test_a_frame_ack_queues_its_key_and_garbage_is_ignored() -> None:
     worker._on_ack(_Message(ack.to_json()))  # twice: queued once
     assert worker.backlog == 1 and worker.counters["notified"] == 2
     assert worker._next_batch() == [FRAME]
+
+
+def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
+    stack_ns, wait_until, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    """Issue 8 item 1: a worker whose account may not publish captions (here the ingest's
+    account: the ACL refuses with PUBACK 135) keeps the marker, so the caption is published
+    again later instead of being lost; the refusal is logged at ERROR once for the topic."""
+    import logging
+
+    caplog.set_level(logging.INFO)
+    config = WorkerConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(),
+                          list_interval_s=0.3, max_wait_s=0.05)
+    store = stack_ns.storage()
+    client_id = stack_ns.client_id("worker")
+    worker = CaptionWorker(config, FakeCaptioner(), store=store, client_id=client_id)
+    marker = f"outbox/{client_id}/{CAPTION}"
+    worker.start()
+    try:
+        assert worker.wait_connected(10)
+        store.put(FRAME, jpeg_bytes(), content_type="image/jpeg")
+        assert wait_until(lambda: worker.counters.get("publish_refused", 0) >= 1, 15)
+        assert store.exists(CAPTION)
+        # a later listing publishes it again (refused again: the marker still stays)
+        assert wait_until(lambda: worker.counters.get("republished", 0) >= 1
+                          and worker.counters.get("publish_refused", 0) >= 2, 15)
+        worker._clear_outbox()
+        assert store.exists(marker)
+    finally:
+        worker.stop()
+    topic = stack_ns.topics.captions("cam1")
+    errors = [r.getMessage() for r in caplog.records
+              if r.name == "common.mqtt" and r.levelno >= logging.ERROR and topic in r.getMessage()]
+    assert len(errors) == 1 and "not authorized" in errors[0]

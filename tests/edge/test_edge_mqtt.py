@@ -7,6 +7,7 @@ the JPEG, publishes a caption and then a FrameAck, as the real ingest and worker
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from datetime import datetime, timezone
@@ -215,3 +216,62 @@ def test_video_file_waits_for_a_full_spool_instead_of_dropping(
                      spool={"directory": str(tmp_path / "spool"), "max_frames": 3})
     summary = EdgeDaemon(config, print_captions=False).run()
     assert summary.drained and summary.frames_acked == 20 and summary.frames_dropped == 0
+
+
+def _jsonl_ids(path: Path) -> list[str]:
+    if not path.exists():
+        return []
+    return [json.loads(line)["frame_id"] for line in path.read_text().splitlines()]
+
+
+def test_a_caption_is_acked_only_once_written_so_a_restart_gets_it_again(
+    tmp_path: Path, edge_broker: Broker, ingest: FakeIngest, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 8 item 8: the JSONL cannot be written (its directory is missing); the captions must
+    not be acknowledged, so the broker delivers them again to the next run, which writes them."""
+    caplog.set_level(logging.INFO, logger="edge.publisher")
+    jsonl = tmp_path / "later" / "captions.jsonl"
+    clip = write_clip(tmp_path / "clip3.avi", moving_frames(3))
+    first = EdgeDaemon(_config(tmp_path, edge_broker, clip, captions_jsonl=str(jsonl)),
+                       print_captions=False).run()
+    assert first.drained and first.frames_acked == 3
+    assert _wait_for(lambda: sum("cannot append caption" in r.getMessage()
+                                 for r in caplog.records) >= 1, 10)
+    assert not jsonl.exists()
+
+    jsonl.parent.mkdir()  # the disk is back
+    one = write_clip(tmp_path / "clip1.avi", moving_frames(1))
+    daemon = EdgeDaemon(_config(tmp_path, edge_broker, one, captions_jsonl=str(jsonl)),
+                        print_captions=False)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert _wait_for(lambda: len(_jsonl_ids(jsonl)) >= 4, 20), _jsonl_ids(jsonl)
+    finally:
+        daemon.request_stop()
+        runner.join(20)
+    ids = _jsonl_ids(jsonl)
+    assert len(ids) == len(set(ids)) == 4  # the 3 redelivered and the new one, each once
+    assert set(ingest.ids()) == set(ids)
+
+
+def test_a_failed_caption_write_is_retried_in_process(
+    tmp_path: Path, edge_broker: Broker, ingest: FakeIngest, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="edge.publisher")
+    jsonl = tmp_path / "later" / "captions.jsonl"
+    clip = write_clip(tmp_path / "clip3.avi", moving_frames(3))
+    daemon = EdgeDaemon(_config(tmp_path, edge_broker, clip, captions_jsonl=str(jsonl),
+                                wait_for_captions_s=30), print_captions=False)
+    runner = threading.Thread(target=daemon.run)
+    runner.start()
+    try:
+        assert _wait_for(lambda: any("cannot append caption" in r.getMessage()
+                                     for r in caplog.records), 10)
+        jsonl.parent.mkdir()
+        assert _wait_for(lambda: len(_jsonl_ids(jsonl)) >= 3, 20), _jsonl_ids(jsonl)
+    finally:
+        daemon.request_stop()
+        runner.join(20)
+    ids = _jsonl_ids(jsonl)
+    assert sorted(ids) == sorted(set(ingest.ids())) and len(ids) == 3
