@@ -458,6 +458,8 @@ async def frame_attention(ctx: CtxDep, user: UserDep, device_id: str, frame_id: 
         return await run_in_threadpool(ctx.attention.attention, doc, obj.body)
     except HTTPException:
         raise
+    except ValueError as err:  # the stored JPEG does not decode: bad input, not an outage
+        raise HTTPException(422, f"attention could not be computed: {err}") from err
     except Exception as err:  # noqa: BLE001 - a model failure is reported, never a traceback
         logger.exception("attention of %s/%s failed", device_id, frame_id)
         raise HTTPException(503, f"attention could not be computed: {err}") from err

@@ -386,8 +386,13 @@ def serve(config: WebConfig) -> int:
                      live=live, attention=attention, widener=widener, feed_status=feed.feed_status,
                      alert_rules_changed=alerts.invalidate_rules, public_url=config.public_url,
                      https_only=config.https_only_cookies, metrics=metrics)
-    server = uvicorn.Server(uvicorn.Config(create_app(ctx), log_level="info", access_log=False,
-                                           timeout_graceful_shutdown=5, log_config=None))
+    class Server(uvicorn.Server):
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            live.close()  # end the open live streams now, so shutdown does not wait on them
+            super().handle_exit(sig, frame)
+
+    server = Server(uvicorn.Config(create_app(ctx), log_level="info", access_log=False,
+                                   timeout_graceful_shutdown=5, log_config=None))
     # uvicorn turns SIGINT/SIGTERM into a graceful exit and then re-raises the signal to the
     # handler it found: make that one harmless, so the cleanup below always runs.
     for sig in (signal.SIGINT, signal.SIGTERM):
