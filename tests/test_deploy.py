@@ -15,7 +15,7 @@ import paho.mqtt.client as mqtt
 import pytest
 import yaml
 
-from common.config import EdgeConfig, IngestConfig, WorkerConfig, load_config
+from common.config import EdgeConfig, IngestConfig, WebConfig, WorkerConfig, load_config
 from common.stack import find_mosquitto, mosquitto_password_hash, mqtt_connack, pick_port
 
 DEPLOY = Path(__file__).resolve().parents[1] / "deploy"
@@ -39,7 +39,8 @@ def test_yaml_files_load(path: str) -> None:
     assert yaml.safe_load((DEPLOY / path).read_text()) is not None
 
 
-@pytest.mark.parametrize(("name", "cls"), [("edge", EdgeConfig), ("ingest", IngestConfig), ("worker", WorkerConfig)])
+@pytest.mark.parametrize(("name", "cls"), [("edge", EdgeConfig), ("ingest", IngestConfig), ("worker", WorkerConfig),
+                                                   ("web", WebConfig)])
 def test_example_configs_validate(name: str, cls: type, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("FRAMECAP_MQTT_PASSWORD", "FRAMECAP_S3_ACCESS_KEY_ID", "FRAMECAP_S3_SECRET_ACCESS_KEY"):
         monkeypatch.delenv(var, raising=False)
@@ -94,7 +95,7 @@ def test_dockerfiles_start_from_a_base_and_install_the_right_extra() -> None:
     cloud_runs = " ".join(a for w, a in cloud if w == "RUN")
     assert "'.[edge]'" in edge_runs and "torch" not in edge_runs and "[cloud" not in edge_runs
     assert "l4t" in " ".join(a for w, a in edge if w in {"ARG", "FROM"})
-    assert "'.[cloud]'" in cloud_runs and "torch==" in cloud_runs
+    assert "'.[cloud,web]'" in cloud_runs and "torch==" in cloud_runs
     for steps in (edge, cloud):
         for word, args in steps:
             if word == "COPY":

@@ -7,6 +7,7 @@ umask 077
 : > "$passwd"
 mosquitto_passwd -b "$passwd" ingest "$FRAMECAP_MQTT_INGEST_PASSWORD"
 mosquitto_passwd -b "$passwd" worker "$FRAMECAP_MQTT_WORKER_PASSWORD"
+mosquitto_passwd -b "$passwd" web "$FRAMECAP_MQTT_WEB_PASSWORD"
 for pair in ${FRAMECAP_MQTT_DEVICES:-}; do
   mosquitto_passwd -b "$passwd" "${pair%%:*}" "${pair#*:}"
 done
