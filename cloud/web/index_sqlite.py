@@ -25,11 +25,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from datetime import datetime, timedelta, timezone
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +50,7 @@ from cloud.web.model import (
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _K_BITS = 12  # frames per millisecond told apart in a rowid
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
@@ -154,12 +156,63 @@ def _device_tag(device_id: str) -> str:
     return "d" + device_id.encode().hex()
 
 
-def _tags(device_id: str, us: int, error: str | None) -> str:
-    """Filter facets indexed beside the words (column ``tags``): device, UTC hour, error."""
-    tags = [_device_tag(device_id), f"h{(us // 3_600_000_000) % 24}"]
+_SCORE_FLOOR = -400  # tenths of a log-probability; lower scores share this facet bucket
+
+
+def _score_tenths(score: float) -> int:
+    """The score's facet bucket: ``floor(score * 10)`` computed exactly, in -400..0."""
+    return max(_SCORE_FLOOR, min(0, math.floor(Fraction(score) * 10)))
+
+
+def _tags(device_id: str, us: int, error: str | None, score: float | None) -> str:
+    """Filter facets indexed beside the words (column ``tags``), so that filters narrow the
+    FTS5 match itself (a doclist intersection) rather than a row lookup per match: ``all``,
+    the device, UTC hour ``hH`` and minute of the hour ``nM``, ``e`` for an error record, and
+    the score's tenths bucket as integer part ``sJ`` and tenth ``tT``."""
+    minute = (us // 60_000_000) % 1440
+    tags = ["all", _device_tag(device_id), f"h{minute // 60}", f"n{minute % 60}"]
     if error is not None:
         tags.append("e")
+    if score is not None:
+        tenths = _score_tenths(score)
+        tags += [f"s{-(tenths // 10)}", f"t{tenths % 10}"]
     return " ".join(tags)
+
+
+def _minute_facet(ranges: list[tuple[int, int]]) -> str:
+    """FTS5 expression on ``tags`` for UTC minutes of day in the half-open ``ranges``: whole
+    hours by their ``hH`` token, a partial hour as ``hH AND (nA OR ...)``. Exact."""
+    parts: list[str] = []
+    for lo, hi in ranges:
+        minute = lo
+        while minute < hi:
+            hour, start = divmod(minute, 60)
+            stop = min(hi, (hour + 1) * 60) - hour * 60  # exclusive minute of this hour
+            if start == 0 and stop == 60:
+                parts.append(f'"h{hour}"')
+            else:
+                minutes = " OR ".join(f'"n{m}"' for m in range(start, stop))
+                parts.append(f'("h{hour}" AND ({minutes}))')
+            minute = hour * 60 + stop
+    return " OR ".join(parts)
+
+
+def _score_facet(min_score: float) -> str | None:
+    """FTS5 expression on ``tags`` for ``score >= min_score``, or None when the facet buckets
+    cannot say it exactly (then the caller checks the row)."""
+    exact = Fraction(min_score) * 10
+    k = math.floor(exact)
+    if not _SCORE_FLOOR < k <= 0:
+        return None
+    if exact != k and Fraction(math.nextafter(min_score, -math.inf)) * 10 >= k:
+        return None  # bucket k holds scores on both sides of min_score
+    j, t = divmod(k, 10)
+    parts = [f'"s{i}"' for i in range(0, -j)]
+    if t == 0:
+        parts.append(f'"s{-j}"')
+    else:
+        parts.append(f'("s{-j}" AND (' + " OR ".join(f'"t{x}"' for x in range(t, 10)) + "))")
+    return " OR ".join(parts)
 
 
 def _row_id_floor(us: int) -> int:
@@ -202,7 +255,12 @@ class SqliteIndex(CaptionIndex):
                 raise CaptionIndexError(
                     f"{self.path} has index schema {version}, newer than this program's "
                     f"{SCHEMA_VERSION}; use a new file (the index can be rebuilt with a reindex)")
-            conn.executescript(f"BEGIN IMMEDIATE; {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
+            upgrade = ""
+            if 0 < version < SCHEMA_VERSION:  # the captions are a cache: rebuild them (rules stay)
+                logger.warning("index %s: schema %s -> %s, captions dropped; they come back at the "
+                               "next reindex", self.path, version, SCHEMA_VERSION)
+                upgrade = "DROP TABLE IF EXISTS captions_fts; DROP TABLE IF EXISTS captions;"
+            conn.executescript(f"BEGIN IMMEDIATE; {upgrade} {_SCHEMA} PRAGMA user_version = {SCHEMA_VERSION}; COMMIT;")
 
     # -- connections ------------------------------------------------------------------
     def _conn(self) -> sqlite3.Connection:
@@ -269,15 +327,15 @@ class SqliteIndex(CaptionIndex):
     def _upsert_one(self, conn: sqlite3.Connection, doc: CaptionDoc) -> int:
         us = to_us(doc.captured_at)
         words = words_text(doc.caption)
-        tags = _tags(doc.device_id, us, doc.error)
+        tags = _tags(doc.device_id, us, doc.error, doc.score)
         values = (doc.device_id, doc.frame_id, us, (us // 60_000_000) % 1440, doc.caption, doc.score,
                   doc.model, doc.frame_key, doc.caption_key, doc.error)
-        old = conn.execute("SELECT id, caption, captured_us, error FROM captions "
+        old = conn.execute("SELECT id, caption, captured_us, error, score FROM captions "
                            "WHERE device_id = ? AND frame_id = ?", (doc.device_id, doc.frame_id)).fetchone()
         if old is not None:
-            old_id, old_caption, old_us, old_error = old
+            old_id, old_caption, old_us, old_error, old_score = old
             conn.execute("INSERT INTO captions_fts(captions_fts, rowid, words, tags) VALUES ('delete', ?, ?, ?)",
-                         (old_id, words_text(old_caption), _tags(doc.device_id, old_us, old_error)))
+                         (old_id, words_text(old_caption), _tags(doc.device_id, old_us, old_error, old_score)))
             if old_id >> _K_BITS == us // 1000:  # same millisecond: keep the rowid
                 conn.execute("UPDATE captions SET device_id=?, frame_id=?, captured_us=?, minute=?, caption=?, "
                              "score=?, model=?, frame_key=?, caption_key=?, error=? WHERE id=?",
@@ -313,107 +371,144 @@ class SqliteIndex(CaptionIndex):
     # -- search -----------------------------------------------------------------------
     RELEVANCE_WINDOW = 20_000
     """Above this many matches, relevance ranks the newest ``RELEVANCE_WINDOW`` matches (under
-    the filters; at least ``offset + limit``) instead of all: BM25 costs about 2 us a match, and
-    past this many the first pages are ties of the same few scores anyway. ``total`` stays exact."""
+    the filters; at least ``offset + limit``) instead of all: BM25 costs about 1.5 us a match,
+    and past this many the first pages are ties of the same few scores anyway. ``total`` stays
+    exact, and every hit satisfies every filter."""
 
     @staticmethod
-    def _filters(f: SearchFilters, id_col: str) -> tuple[list[str], list[Any], list[str]]:
-        """SQL conditions on ``c`` and the rowid column ``id_col``, their parameters, and FTS5
-        facet expressions on column ``tags`` narrowing the same filters (device, error, hour)."""
+    def _table_filters(f: SearchFilters) -> tuple[list[str], list[Any]]:
+        """Date range and devices as SQL on ``captions c`` (its rowid and device index)."""
         where: list[str] = []
         params: list[Any] = []
-        facets: list[str] = []
         if f.start is not None:
-            where.append(f"{id_col} >= ?")
-            params.append(_row_id_floor(to_us(f.start)))
-            if to_us(f.start) % 1000:  # sub-millisecond bound: exact check
-                where.append("c.captured_us >= ?")
-                params.append(to_us(f.start))
+            where += ["c.id >= ?", "c.captured_us >= ?"]
+            params += [_row_id_floor(to_us(f.start)), to_us(f.start)]
         if f.end is not None:
-            where.append(f"{id_col} < ?")
-            params.append(_row_id_floor(to_us(f.end) + 999))  # ceil to the millisecond
-            if to_us(f.end) % 1000:
-                where.append("c.captured_us < ?")
-                params.append(to_us(f.end))
+            where += ["c.id < ?", "c.captured_us < ?"]
+            params += [_row_id_floor(to_us(f.end) + 999), to_us(f.end)]
         if f.devices is not None:
-            if f.devices:
-                where.append(f"c.device_id IN ({','.join('?' * len(f.devices))})")
-                params.extend(f.devices)
-                facets.append(" OR ".join(f'"{_device_tag(d)}"' for d in f.devices))
-            else:
-                where.append("0")
+            where.append(f"c.device_id IN ({','.join('?' * len(f.devices))})")
+            params.extend(f.devices)
+        return where, params
+
+    @staticmethod
+    def _fts_filters(f: SearchFilters) -> tuple[list[str], list[str], list[Any], list[str], list[Any]]:
+        """Every filter for an FTS5-driven statement: facet expressions on ``tags``, rowid
+        conditions (the date range) with parameters, and residual conditions on ``captions c``
+        (only what facets cannot say exactly) with parameters."""
+        facets: list[str] = []
+        rowid: list[str] = []
+        rowid_params: list[Any] = []
+        residual: list[str] = []
+        residual_params: list[Any] = []
+        if f.start is not None:
+            rowid.append("f.rowid >= ?")
+            rowid_params.append(_row_id_floor(to_us(f.start)))
+            if to_us(f.start) % 1000:
+                residual.append("c.captured_us >= ?")
+                residual_params.append(to_us(f.start))
+        if f.end is not None:
+            rowid.append("f.rowid < ?")
+            rowid_params.append(_row_id_floor(to_us(f.end) + 999))
+            if to_us(f.end) % 1000:
+                residual.append("c.captured_us < ?")
+                residual_params.append(to_us(f.end))
+        if f.devices is not None:
+            facets.append(" OR ".join(f'"{_device_tag(d)}"' for d in f.devices))
         ranges = f.utc_minute_ranges()
         if ranges is not None and ranges != [(0, 1440)]:
-            where.append("(" + " OR ".join("(c.minute >= ? AND c.minute < ?)" for _ in ranges) + ")")
-            params.extend(v for r in ranges for v in r)
-            hours = sorted({h for lo, hi in ranges for h in range(lo // 60, (hi + 59) // 60)})
-            facets.append(" OR ".join(f'"h{h}"' for h in hours))
+            facets.append(_minute_facet(ranges))
         if f.min_score is not None:
-            where.append("c.score >= ?")
-            params.append(f.min_score)
+            score_facet = _score_facet(f.min_score)
+            if score_facet is None:
+                residual.append("c.score >= ?")
+                residual_params.append(f.min_score)
+            else:
+                facets.append(score_facet)
         if f.errors_only:
-            where.append("c.error IS NOT NULL")
             facets.append('"e"')
-        return where, params, facets
+        return facets, rowid, rowid_params, residual, residual_params
 
     def search(self, request: SearchRequest) -> SearchPage:
         """Run a search (see :meth:`CaptionIndex.search`): filters, ranking and paging in one
         statement, the total under the same filters in a second one.
+
+        Filters become FTS5 facet terms (device, time of day, score, error) and a rowid range
+        (dates), so they narrow the match itself. A blank query filtered only by date and
+        device reads ``captions`` through its indexes instead.
 
         Raises:
             QueryError: a bad query, limit or offset.
             CaptionIndexError: the statement failed.
         """
         q = compile_request(request)
-        negated = ql.negated_part(q) if q is not None else None
+        f = request.filters
+        if f.devices is not None and not f.devices:
+            return SearchPage(hits=[], total=0, limit=request.limit, offset=request.offset,
+                              widened=dict(request.widenings))
         conn = self._conn()
-        page = (request.limit, request.offset)
         with self._errors("search"):
-            if q is None or negated is not None:
-                where, params, _ = self._filters(request.filters, "c.id")
-                if negated is not None:
-                    where.append("c.id NOT IN (SELECT rowid FROM captions_fts WHERE captions_fts MATCH ?)")
-                    params.append(f"words : ({ql.to_fts5(negated)})")
-                base = "FROM captions c" + (" WHERE " + " AND ".join(where) if where else "")
-                order = "c.id ASC" if request.order == "time_asc" else "c.id DESC"
-                rows = conn.execute(f"SELECT {_DOC_COLS}, 0.0 {base} ORDER BY {order} LIMIT ? OFFSET ?",
-                                    (*params, *page)).fetchall()
-                total = int(conn.execute(f"SELECT count(*) {base}", params).fetchone()[0])
+            if q is None and f.time_from_min is None and f.min_score is None and not f.errors_only:
+                rows, total = self._search_table(conn, request)
                 ranked = False
             else:
                 rows, total = self._search_fts(conn, request, q)
-                ranked = request.order == "relevance"
+                ranked = request.order == "relevance" and q is not None and ql.negated_part(q) is None
         hits = [make_hit(_doc(row[:-1]), float(row[-1]) if ranked else 0.0, q) for row in rows]
         return SearchPage(hits=hits, total=total, limit=request.limit, offset=request.offset,
                           widened=dict(request.widenings))
 
+    def _search_table(self, conn: sqlite3.Connection, request: SearchRequest) -> tuple[list[Any], int]:
+        where, params = self._table_filters(request.filters)
+        base = "FROM captions c" + (" WHERE " + " AND ".join(where) if where else "")
+        order = "c.id ASC" if request.order == "time_asc" else "c.id DESC"
+        rows = conn.execute(f"SELECT {_DOC_COLS}, 0.0 {base} ORDER BY {order} LIMIT ? OFFSET ?",
+                            (*params, request.limit, request.offset)).fetchall()
+        return rows, int(conn.execute(f"SELECT count(*) {base}", params).fetchone()[0])
+
     def _search_fts(self, conn: sqlite3.Connection, request: SearchRequest,
-                    q: ql.Query) -> tuple[list[Any], int]:
-        where, params, facets = self._filters(request.filters, "f.rowid")
-        match = " AND ".join([f"words : ({ql.to_fts5(q)})", *(f"tags : ({x})" for x in facets)])
-        where.insert(0, "captions_fts MATCH ?")
-        params.insert(0, match)
-        needs_row = any("c." in w for w in where)
-        cond = " AND ".join(where)
-        base = f"FROM captions_fts f CROSS JOIN captions c ON c.id = f.rowid WHERE {cond}"
-        count_base = base if needs_row else f"FROM captions_fts f WHERE {cond}"
-        total = int(conn.execute(f"SELECT count(*) {count_base}", params).fetchone()[0])
+                    q: ql.Query | None) -> tuple[list[Any], int]:
+        facets, rowid, rowid_params, residual, residual_params = self._fts_filters(request.filters)
+        negated = ql.negated_part(q) if q is not None else None
+        if q is None:
+            match = ['tags : "all"']
+        elif negated is not None:
+            match = [f'(tags : "all") NOT (words : ({ql.to_fts5(negated)}))']
+        else:
+            match = [f"words : ({ql.to_fts5(q)})"]
+        match += [f"tags : ({x})" for x in facets]
+        fts_cond = " AND ".join(["captions_fts MATCH ?", *rowid])
+        fts_params: list[Any] = [" AND ".join(f"({m})" for m in match), *rowid_params]
+        cond = " AND ".join([fts_cond, *residual])
+        params = [*fts_params, *residual_params]
+        joined = f"FROM captions_fts f CROSS JOIN captions c ON c.id = f.rowid WHERE {cond}"
+        count_from = joined if residual else f"FROM captions_fts f WHERE {fts_cond}"
+        total = int(conn.execute(f"SELECT count(*) {count_from}", params).fetchone()[0])
         page = (request.limit, request.offset)
-        if request.order != "relevance":
+        if request.order != "relevance" or q is None or negated is not None:
             order = "f.rowid ASC" if request.order == "time_asc" else "f.rowid DESC"
-            rows = conn.execute(f"SELECT {_DOC_COLS}, 0.0 {base} ORDER BY {order} LIMIT ? OFFSET ?",
+            rows = conn.execute(f"SELECT {_DOC_COLS}, 0.0 {joined} ORDER BY {order} LIMIT ? OFFSET ?",
                                 (*params, *page)).fetchall()
             return rows, total
         window = max(self.RELEVANCE_WINDOW, request.offset + request.limit)
         if total > window:  # rank the newest `window` matches only (see RELEVANCE_WINDOW)
-            oldest = conn.execute(f"SELECT f.rowid {count_base} ORDER BY f.rowid DESC LIMIT 1 OFFSET ?",
+            oldest = conn.execute(f"SELECT f.rowid {count_from} ORDER BY f.rowid DESC LIMIT 1 OFFSET ?",
                                   (*params, window - 1)).fetchone()
             if oldest is not None:
-                base += " AND f.rowid >= ?"
+                fts_cond += " AND f.rowid >= ?"
+                fts_params.append(oldest[0])
+                joined += " AND f.rowid >= ?"
                 params.append(oldest[0])
-        rows = conn.execute(f"SELECT {_DOC_COLS}, -bm25(captions_fts, 1.0, 0.0) {base} "
-                            "ORDER BY bm25(captions_fts, 1.0, 0.0) ASC, f.rowid DESC LIMIT ? OFFSET ?",
-                            (*params, *page)).fetchall()
+        bm25 = "bm25(captions_fts, 1.0, 0.0)"
+        if residual:  # the row decides: rank with the join
+            rows = conn.execute(f"SELECT {_DOC_COLS}, -{bm25} {joined} ORDER BY {bm25} ASC, f.rowid DESC "
+                                "LIMIT ? OFFSET ?", (*params, *page)).fetchall()
+        else:  # rank in the FTS5 table alone, then read the page's rows
+            rows = conn.execute(
+                f"WITH top AS (SELECT f.rowid AS id, {bm25} AS b FROM captions_fts f WHERE {fts_cond} "
+                "ORDER BY b ASC, f.rowid DESC LIMIT ? OFFSET ?) "
+                f"SELECT {_DOC_COLS}, -top.b FROM top CROSS JOIN captions c ON c.id = top.id "
+                "ORDER BY top.b ASC, top.id DESC", (*fts_params, *page)).fetchall()
         return rows, total
 
     # -- timeline ---------------------------------------------------------------------

@@ -327,3 +327,97 @@ def test_backends_agree_with_python(both_indexes: tuple[list[CaptionDoc], Captio
             page = index.search(SearchRequest(query=text, order=order, limit=500))
             assert {h.doc.frame_id for h in page.hits} == expected, (index.backend, text)
             assert page.total == len(expected)
+
+
+# -- filters: both backends == a plain Python reference, on random documents -----------------
+
+SCORES = [0.0, -0.05, -0.5, -1.0, -2.2, -2.25, -2.3, -2.3000000000000003, -2.2999999999999994, -2.31, -7.0,
+          -39.95, -40.0, -55.5]
+
+
+def _reference(docs: list[CaptionDoc], f: SearchFilters) -> set[str]:
+    """What the filters mean, written independently of both backends."""
+    out = set()
+    for d in docs:
+        local = d.captured_at + timedelta(minutes=f.tz_offset_min)
+        minute = local.hour * 60 + local.minute
+        if f.devices is not None and d.device_id not in f.devices:
+            continue
+        if f.start is not None and d.captured_at < f.start:
+            continue
+        if f.end is not None and d.captured_at >= f.end:
+            continue
+        if f.time_from_min is not None and f.time_to_min is not None:
+            lo, hi = f.time_from_min, f.time_to_min
+            inside = lo <= minute < hi if lo < hi else (minute >= lo or minute < hi) if lo > hi else True
+            if not inside:
+                continue
+        if f.min_score is not None and (d.score is None or d.score < f.min_score):
+            continue
+        if f.errors_only and d.error is None:
+            continue
+        out.add(d.frame_id)
+    return out
+
+
+@pytest.fixture
+def filter_indexes(tmp_path: Path, pg_url: str) -> Iterator[tuple[list[CaptionDoc], CaptionIndex, CaptionIndex]]:
+    from cloud.web.index_pg import PostgresIndex
+
+    rng = random.Random(11)
+    docs = []
+    for i in range(400):
+        at = T0 + timedelta(minutes=rng.randrange(0, 3 * 1440), microseconds=rng.choice([0, 1, 500, 999_999]))
+        error = "bad frame" if rng.random() < 0.1 else None
+        docs.append(doc(f"cam{rng.randrange(4)}", f"f{i:03d}", at, "" if error else rng.choice(["a car", "a dog"]),
+                        score=None if error else rng.choice(SCORES), error=error))
+    sqlite_index, pg_index = SqliteIndex(tmp_path / "i.sqlite"), PostgresIndex(pg_url)
+    sqlite_index.upsert(docs)
+    pg_index.upsert(docs)
+    yield docs, sqlite_index, pg_index
+    sqlite_index.close()
+    pg_index.close()
+
+
+FILTERS = st.builds(
+    SearchFilters,
+    devices=st.none() | st.lists(st.sampled_from(["cam0", "cam1", "cam2", "cam3", "cam9"]), max_size=3).map(tuple),
+    start=st.none() | st.integers(-60, 3 * 1440).map(lambda m: T0 + timedelta(minutes=m, microseconds=500)),
+    end=st.none() | st.integers(0, 4 * 1440).map(lambda m: T0 + timedelta(minutes=m)),
+    time_from_min=st.none() | st.integers(0, 1439),
+    time_to_min=st.integers(0, 1439),
+    tz_offset_min=st.sampled_from([0, 60, 120, -300, 330, 345, -570]),
+    min_score=st.none() | st.sampled_from([*SCORES, -2.0, -39.9, -40.0, -0.0, 0.5, -2.35]),
+    errors_only=st.booleans(),
+)
+
+
+@settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(f=FILTERS, query=st.sampled_from(["", "car", "-dog", "a"]))
+def test_filters_agree_with_reference(filter_indexes: tuple[list[CaptionDoc], CaptionIndex, CaptionIndex],
+                                      f: SearchFilters, query: str) -> None:
+    docs, sqlite_index, pg_index = filter_indexes
+    q = parse_query(query)
+    expected = {x for x in _reference(docs, f) if match_caption(q, next(d for d in docs if d.frame_id == x).caption) is not None}
+    for index in (sqlite_index, pg_index):
+        page = index.search(SearchRequest(query=query, filters=f, order="relevance", limit=500))
+        assert {h.doc.frame_id for h in page.hits} == expected, index.backend
+        assert page.total == len(expected)
+
+
+def test_partial_hours_and_score_boundaries(caption_index: CaptionIndex) -> None:
+    # UTC+5:30 viewer, 22:00-06:00 local = 16:30-00:30 UTC: boundaries fall inside hours
+    day = datetime(2026, 3, 2, tzinfo=timezone.utc)
+    at = {"u1629": (16, 29), "u1630": (16, 30), "u2359": (23, 59), "u0029": (0, 29), "u0030": (0, 30)}
+    caption_index.upsert([doc("cam1", f, day + timedelta(hours=h, minutes=m, seconds=59), "a car")
+                          for f, (h, m) in at.items()])
+    assert sorted(frames(caption_index, "car", time_from_min=22 * 60, time_to_min=6 * 60, tz_offset_min=330)) == [
+        "u0029", "u1630", "u2359"]
+    assert sorted(frames(caption_index, "car", time_from_min=16 * 60 + 30, time_to_min=16 * 60 + 31)) == ["u1630"]
+    scores = {"a": -2.3, "b": -2.3000000000000003, "c": -2.2999999999999994, "d": -2.31, "e": -2.0, "f": -40.5,
+              "g": 0.0}
+    caption_index.upsert([doc("cam2", f, day, "a dog", score=s) for f, s in scores.items()])
+    for m in (-2.3, -2.3000000000000003, -2.29, -2.31, -2.0, -2.05, -40.0, -41.0, 0.0, -0.0):
+        expected = sorted(f for f, s in scores.items() if s >= m)
+        assert sorted(frames(caption_index, "dog", min_score=m)) == expected, m
+        assert sorted(frames(caption_index, "", min_score=m, devices=("cam2",))) == expected, m
