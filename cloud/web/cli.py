@@ -17,7 +17,6 @@ import argparse
 import getpass
 import logging
 import signal
-import socket
 import sys
 import threading
 from collections.abc import Sequence
@@ -288,142 +287,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 # -- serve ------------------------------------------------------------------------------------
 
 
-def _listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on ``host:port`` (port 0: a free one). Raises OSError."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(2048)
-    except OSError:
-        sock.close()
-        raise
-    sock.set_inheritable(True)
-    return sock
-
-
-def _load_rules(config: WebConfig, index: Any, accounts: Any) -> None:
-    """Save the rules of ``config.rules_file`` into the index (same id: replaced)."""
-    if config.rules_file is None:
-        return
-    from cloud.web.alerts import load_rules_file
-
-    rules = load_rules_file(config.rules_file)  # validated at start: RulesFileError is unlikely
-    for rule in rules:
-        if accounts.get(rule.owner) is None:
-            logger.error("rule %s from %s belongs to %r, which is no account: it will see no device",
-                         rule.rule_id, config.rules_file, rule.owner)
-        index.save_rule(rule)
-    logger.info("%d alert rules loaded from %s", len(rules), config.rules_file)
-
-
-def _optional_services(config: WebConfig) -> tuple[Any, Any]:
-    """The query widener and the attention service, each None if it cannot be made."""
-    widener = attention = None
-    if config.widening:
-        try:
-            from cloud.web.widening import QueryWidener
-
-            widener = QueryWidener.for_model(config.model)
-        except Exception:  # noqa: BLE001 - search works without widening
-            logger.exception("query widening is off")
-    try:
-        from cloud.web.attention import AttentionService
-
-        attention = AttentionService(config.model, cache_dir=config.state_dir / "attention")
-    except Exception:  # noqa: BLE001 - pages work without attention maps
-        logger.exception("attention maps are off")
-    return widener, attention
-
-
 def serve(config: WebConfig) -> int:
-    """Run the web process until SIGINT or SIGTERM: open the index, load the rules, start the
-    feed (and a reindex from S3 in the background), the alert manager and uvicorn on
-    ``host:port``. Returns the exit status (0 after a signal, 1 if it cannot start)."""
-    import uvicorn
+    """Run the web process until SIGINT or SIGTERM (:class:`cloud.web.server.WebServer`).
+    Returns the exit status (0 after a signal, 1 if it cannot start)."""
+    from cloud.web.server import WebServer, WebStartError
 
-    from cloud.web.alerts import AlertManager
-    from cloud.web.app import create_app
-    from cloud.web.auth import Accounts, AccountsError
-    from cloud.web.deps import WebContext
-    from cloud.web.feed import CaptionFeed
-    from cloud.web.index import CaptionIndexError, open_index
-    from cloud.web.live import LiveHub
-    from cloud.web.metrics import WebMetrics
-
-    try:
-        session_secret = config.session_secret_value().get_secret_value()
-        sock = _listen(config.host, config.port)
-    except OSError as err:
-        return _fail(f"cannot start on {config.host}:{config.port}: {err.strerror or err}", 1)
-    try:
-        index = open_index(config.index_location())
-    except CaptionIndexError as err:
-        sock.close()
-        return _fail(f"cannot open the index {config.index_display()}: {err}", 1)
-    try:
-        if config.accounts_path.exists():
-            accounts = Accounts.load(config.accounts_path)
-        else:
-            accounts = Accounts(path=config.accounts_path)
-            logger.warning("no accounts file %s: nobody can log in; add one with: "
-                           "framecap web add-user NAME --role admin", config.accounts_path)
-        _load_rules(config, index, accounts)
-    except (AccountsError, CaptionIndexError) as err:
-        sock.close()
-        index.close()
-        return _fail(str(err), 1)
-
-    metrics, live = WebMetrics(), LiveHub()
-    widener, attention = _optional_services(config)
-    feed = CaptionFeed(config, index, on_new=[live.publish], metrics=metrics)
-    alerts = AlertManager(index, feed.client, feed.topics, widener=widener,
-                          webhook_secret=config.webhook_secret, public_url=config.base_url,
-                          accounts=accounts, metrics=metrics)
-    feed.add_listener(alerts.check)
-    ctx = WebContext(index=index, accounts=accounts, session_secret=session_secret, store=feed.store,
-                     live=live, attention=attention, widener=widener, feed_status=feed.feed_status,
-                     alert_rules_changed=alerts.invalidate_rules, public_url=config.public_url,
-                     https_only=config.https_only_cookies, metrics=metrics)
-    class Server(uvicorn.Server):
-        def handle_exit(self, sig: int, frame: Any) -> None:
-            live.close()  # end the open live streams now, so shutdown does not wait on them
-            super().handle_exit(sig, frame)
-
-    server = Server(uvicorn.Config(create_app(ctx), log_level="info", access_log=False,
-                                   timeout_graceful_shutdown=5, log_config=None))
-    # uvicorn turns SIGINT/SIGTERM into a graceful exit and then re-raises the signal to the
-    # handler it found: make that one harmless, so the cleanup below always runs.
+    done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: None)
-    feed.start()
-    if config.reindex_at_start:
-        feed.reindex_in_background()
-
-    def warm() -> None:  # load the widening encoder and compile the rules before they are needed
-        try:
-            if widener is not None:
-                widener.warm()
-            alerts.warm()
-        except Exception:  # noqa: BLE001 - both load lazily again on first use
-            logger.exception("warming the query widener and alert rules failed")
-
-    threading.Thread(target=warm, name="web-warm", daemon=True).start()
-    host, port = sock.getsockname()[:2]
-    url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
-    logger.info("framecap web on %s (index %s, MQTT %s:%d as %s, prefix %s)", url, config.index_display(),
-                config.mqtt.host, config.mqtt.port, config.mqtt.username, config.mqtt.topic_prefix)
-    print(f"{PROG}: serving on {url}" + (f" (public URL {config.public_url})" if config.public_url else ""),
+        signal.signal(sig, lambda *_: done.set())
+    server = WebServer(config)
+    try:
+        server.start()
+    except WebStartError as err:
+        return _fail(str(err), 1)
+    print(f"{PROG}: serving on {server.url}" + (f" (public URL {config.public_url})" if config.public_url else ""),
           flush=True)
     try:
-        server.run(sockets=[sock])
+        while not done.wait(0.5):
+            if not server.running:
+                logger.error("framecap web: the HTTP server stopped on its own")
+                return 1
     finally:
-        logger.info("framecap web: stopping")
-        feed.stop()
-        alerts.close()
-        live.close()
-        index.close()
-        sock.close()
-        logger.info("framecap web: stopped")
+        server.stop()
     return 0
