@@ -2,14 +2,18 @@
 
 It starts mosquitto and SeaweedFS (:class:`common.stack.LocalStack`, with passwords and ACLs),
 the ingest (:class:`cloud.ingest.IngestService`), the caption worker
-(:class:`cloud.worker.CaptionWorker`, the committed default model unless ``--model``) and the
-edge daemon (:class:`edge.daemon.EdgeDaemon`) on the video; prints each caption as it comes
-back to the edge; ends with one JSON line::
+(:class:`cloud.worker.CaptionWorker`, the committed default model unless ``--model``), the web
+pages (:class:`cloud.web.server.WebServer`, with a ``demo`` account made for this run) and the
+edge daemon (:class:`edge.daemon.EdgeDaemon`) on the video; prints the web URL, then each caption
+as it comes back to the edge; ends with one JSON line::
 
-    {"frames_sampled": N, "frames_stored": N, "captions": N, "bucket": "framecap", "elapsed_s": T}
+    {"frames_sampled": N, "frames_stored": N, "captions": N, "captions_indexed": N,
+     "bucket": "framecap", "elapsed_s": T}
 
 and stops everything it started (``--keep-stack`` leaves the servers up for a look with
-``framecap stack status --state-dir STATE/stack``).
+``framecap stack status --state-dir STATE/stack``). With ``--serve`` it keeps the stack, ingest,
+worker and web running instead: once the captions are in the web index it prints one more JSON
+line ``{"web_url": ..., "username": "demo", "password": ...}`` and waits for Ctrl-C.
 """
 
 from __future__ import annotations
@@ -37,6 +41,8 @@ from common.topics import CAPTIONS_PREFIX, FRAMES_PREFIX, validate_id
 
 if TYPE_CHECKING:  # imported when the demo runs: edge and cloud pull in OpenCV, boto3, torch
     from cloud.service import Service
+    from cloud.web.server import WebServer
+    from common.stack import LocalStack
     from common.storage import ObjectStore
     from edge.daemon import EdgeDaemon, EdgeSummary
 
@@ -73,6 +79,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=300.0, metavar="S",
                    help="give up waiting for acks, then captions, after S seconds each (default 300)")
     p.add_argument("--keep-stack", action="store_true", help="leave mosquitto and SeaweedFS running")
+    p.add_argument("--serve", action="store_true",
+                   help="after the video, keep the stack, ingest, worker and web pages running until Ctrl-C "
+                   "(prints the web URL and a demo login as one JSON line)")
+    p.add_argument("--web-port", type=int, default=8080, metavar="PORT",
+                   help="port of the web pages on 127.0.0.1 (default 8080; a free one if it is taken)")
     p.add_argument("-v", "--verbose", action="store_true", help="show the services' INFO logs")
     return p
 
@@ -123,6 +134,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
         print("loading the caption model ...", flush=True)
         worker.start()
         services.append(worker)
+        web, password = _start_web(stack, state, args)
+        services.append(web)
+        print(f"web: {web.url}  (user demo, password {password}; captions appear live at {web.url}/live)",
+              flush=True)
         edge_config = EdgeConfig(
             device_id=device_id, source=source, max_frames=args.max_frames or None,
             mqtt=stack.mqtt_config(device_id),
@@ -137,13 +152,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
         print(f"edge {device_id}: capturing {source}", flush=True)
         summary = _run_edge(edge)
         store = stack.storage()
-        return {
+        captions = _count(store, f"{CAPTIONS_PREFIX}{device_id}/", sampled)
+        result = {
             "frames_sampled": summary.frames_sampled,
             "frames_stored": _count(store, f"{FRAMES_PREFIX}{device_id}/", sampled),
-            "captions": _count(store, f"{CAPTIONS_PREFIX}{device_id}/", sampled),
+            "captions": captions,
+            "captions_indexed": _wait_indexed(web, device_id, sampled, captions, args.timeout),
             "bucket": stack.bucket,
             "elapsed_s": round(time.monotonic() - started, 1),
         }
+        if args.serve:
+            print(json.dumps(result), flush=True)
+            print(json.dumps({"web_url": web.url, "username": "demo", "password": password}), flush=True)
+            _wait_for_interrupt()
+        return result
     finally:
         for service in reversed(services):
             service.stop()
@@ -151,6 +173,60 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
             print(f"stack left running: framecap stack down --state-dir {stack.state_dir}")
         else:
             stack.down()
+
+
+def _start_web(stack: LocalStack, state: Path, args: argparse.Namespace) -> tuple[WebServer, str]:
+    """``framecap web`` in this process on 127.0.0.1 (``--web-port``, else a free port), with
+    an admin account ``demo`` and a new password; returns the running server and the password."""
+    import secrets
+
+    from cloud.web.auth import add_user
+    from cloud.web.server import WebServer
+    from common.config import WebConfig
+    from common.stack import port_is_free
+
+    web_state = state / "web"
+    password = secrets.token_urlsafe(12)
+    add_user(web_state / "accounts.yaml", "demo", password, "admin")
+    port = args.web_port if args.web_port and port_is_free(args.web_port) else 0
+    config = WebConfig(mqtt=stack.mqtt_config("web"), s3=stack.s3_config(), host="127.0.0.1", port=port,
+                       state_dir=web_state, model=args.model, widening=args.serve)
+    server = WebServer(config, log_level="info" if args.verbose else "warning")
+    server.start()
+    return server, password
+
+
+def _wait_indexed(web: WebServer, device_id: str, frame_ids: set[str], expected: int, timeout_s: float) -> int:
+    """How many of this run's captions the web index holds, waiting (at most ``timeout_s``)
+    until all ``expected`` are in."""
+    from datetime import datetime, timezone
+
+    def indexed() -> int:
+        now = datetime.now(timezone.utc)
+        docs = web.ctx.index.timeline(device_id, datetime(1970, 1, 1, tzinfo=timezone.utc), now, limit=100_000)
+        return sum(1 for doc in docs if doc.frame_id in frame_ids)
+
+    deadline = time.monotonic() + timeout_s
+    count = indexed()
+    while count < expected and time.monotonic() < deadline:
+        time.sleep(0.1)
+        count = indexed()
+    return count
+
+
+def _wait_for_interrupt() -> None:
+    """Block until Ctrl-C (SIGINT) or SIGTERM."""
+    import signal
+
+    done = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: done.set())
+    print("serving until Ctrl-C ...", flush=True)
+    try:
+        while not done.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    print("stopping ...", flush=True)
 
 
 def _run_edge(edge: EdgeDaemon) -> EdgeSummary:
@@ -180,6 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:
         print(f"framecap demo: {err}", file=sys.stderr)
         return 1
-    print(json.dumps(result), flush=True)
-    ok = result["frames_sampled"] == result["frames_stored"] == result["captions"]
+    if not args.serve:  # --serve printed it before it waited
+        print(json.dumps(result), flush=True)
+    ok = result["frames_sampled"] == result["frames_stored"] == result["captions"] == result["captions_indexed"]
     return 0 if ok and result["frames_sampled"] else 1

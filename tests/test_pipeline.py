@@ -217,3 +217,44 @@ def test_demo_command_captions_a_real_video(shared_dir, tmp_path) -> None:  # ty
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     summary = json.loads(again.stdout.strip().splitlines()[-1])
     assert summary["frames_sampled"] == summary["frames_stored"] == summary["captions"] == 3
+
+
+def test_demo_serve_keeps_the_web_pages_up_until_interrupted(shared_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """`framecap demo --serve`: once its captions are in the web index it prints the URL and a
+    login, answers searches there, and stops everything it started on Ctrl-C (SIGINT)."""
+    import signal
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "common.cli", "demo", "--max-frames", "2", "--serve", "--web-port", "0",
+         "--state-dir", str(tmp_path / "demo")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines: list[str] = []
+        login = None
+        for line in proc.stdout:  # the process prints its lines as it goes; no fixed sleeps
+            lines.append(line)
+            if line.startswith('{"web_url"'):
+                login = json.loads(line)
+                break
+        assert login is not None, "".join(lines)[-3000:]
+        summary = json.loads(lines[-2])
+        assert summary["captions"] == summary["captions_indexed"] == 2
+        auth = (login["username"], login["password"])
+        found = httpx.get(f"{login['web_url']}/api/v1/search", params={"q": ""}, auth=auth, timeout=30).json()
+        assert found["total"] == 2 and {r["device_id"] for r in found["results"]} == {"demo-cam"}
+        assert httpx.get(f"{login['web_url']}/api/v1/search", auth=("demo", "wrong"), timeout=30).status_code == 401
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=120)[0]
+        assert proc.returncode == 0, rest[-3000:]
+        state = json.loads((tmp_path / "demo" / "stack" / "stack.json").read_text())
+        from common.stack import pid_alive
+
+        assert not pid_alive(state["mosquitto"]["pid"]) and not pid_alive(state["seaweedfs"]["pid"])
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

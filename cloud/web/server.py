@@ -84,13 +84,15 @@ class WebServer:
 
     Args:
         config: the validated :class:`~common.config.WebConfig`.
+        log_level: uvicorn's log level (``info``; the demo passes ``warning``).
 
     Attributes (after :meth:`start`): ``url`` (``http://host:port``), ``ctx`` (the app's
     :class:`~cloud.web.deps.WebContext`), ``feed``, ``alerts``, ``index``.
     """
 
-    def __init__(self, config: WebConfig) -> None:
+    def __init__(self, config: WebConfig, *, log_level: str = "info") -> None:
         self.config = config
+        self.log_level = log_level
         self.url = ""
         self._sock: socket.socket | None = None
         self._server: Any = None
@@ -106,7 +108,7 @@ class WebServer:
         """True while the HTTP server thread runs."""
         return self._thread is not None and self._thread.is_alive()
 
-    def start(self, timeout_s: float = 30.0) -> WebServer:
+    def start(self, timeout_s: float = 30.0) -> None:
         """Bind, open the index, load accounts and rules, start the feed (and a background
         reindex), the alert manager and the HTTP server; returns once it accepts requests.
 
@@ -162,7 +164,7 @@ class WebServer:
             https_only=config.https_only_cookies, metrics=metrics)
         self.feed, self.alerts, self.live = feed, alerts, live
         self._server = uvicorn.Server(uvicorn.Config(
-            create_app(self.ctx), log_level="info", access_log=False, timeout_graceful_shutdown=5,
+            create_app(self.ctx), log_level=self.log_level, access_log=False, timeout_graceful_shutdown=5,
             log_config=None))
         feed.start()
         if config.reindex_at_start:
@@ -192,7 +194,6 @@ class WebServer:
         logger.info("framecap web on %s (index %s, MQTT %s:%d as %s, prefix %s)", self.url,
                     config.index_display(), config.mqtt.host, config.mqtt.port, config.mqtt.username,
                     config.mqtt.topic_prefix)
-        return self
 
     def stop(self) -> None:
         """Stop the HTTP server (open live streams end first), the feed, alerts and the index."""
