@@ -369,7 +369,7 @@ class SqliteIndex(CaptionIndex):
             return int(self._conn().execute("SELECT count(*) FROM captions").fetchone()[0])
 
     # -- search -----------------------------------------------------------------------
-    RELEVANCE_WINDOW = 20_000
+    RELEVANCE_WINDOW = 10_000
     """Above this many matches, relevance ranks the newest ``RELEVANCE_WINDOW`` matches (under
     the filters; at least ``offset + limit``) instead of all: BM25 costs about 1.5 us a match,
     and past this many the first pages are ties of the same few scores anyway. ``total`` stays
