@@ -106,6 +106,11 @@ class CaptionIndex(abc.ABC):
         so a second replica never sends it."""
 
     @abc.abstractmethod
+    def recent_alerts(self, allowed: Sequence[str] | None, *, limit: int = 20) -> list[tuple[str, CaptionDoc]]:
+        """The newest alerts that fired (not the folded frames), newest capture first, as
+        ``(rule_id, caption)`` pairs, restricted to the devices ``allowed`` unless None."""
+
+    @abc.abstractmethod
     def close(self) -> None:
         """Release connections."""
 

@@ -348,6 +348,19 @@ class PostgresIndex(CaptionIndex):
         rows = self._query("read rules", "SELECT body FROM fc_rules ORDER BY rule_id")
         return [rule_from_json(body) for (body,) in rows]
 
+    def recent_alerts(self, allowed: Sequence[str] | None, *, limit: int = 20) -> list[tuple[str, CaptionDoc]]:
+        """The newest fired alerts as ``(rule_id, caption)``, newest capture first."""
+        if allowed is not None and not allowed:
+            return []
+        cols = ", ".join(f"c.{c.strip()}" for c in _DOC_COLS.split(","))
+        where = "a.fired" + (" AND a.device_id = ANY(%s)" if allowed is not None else "")
+        params: list[Any] = [list(allowed)] if allowed is not None else []
+        rows = self._query("read recent alerts",
+                           f"SELECT a.rule_id, {cols} FROM fc_alert_frames a JOIN fc_captions c "
+                           f"ON c.device_id = a.device_id AND c.frame_id = a.frame_id WHERE {where} "
+                           "ORDER BY a.captured_us DESC LIMIT %s", (*params, limit))
+        return [(str(row[0]), _doc(row[1:])) for row in rows]
+
     def claim_alert(self, rule_id: str, doc: CaptionDoc, cooldown_s: float) -> bool:
         """True exactly once per (rule, frame) across every process on this database, and only
         when the rule's last alert for the device is more than ``cooldown_s`` older than

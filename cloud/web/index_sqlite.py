@@ -604,6 +604,22 @@ class SqliteIndex(CaptionIndex):
             rows = self._conn().execute("SELECT body FROM rules ORDER BY rule_id").fetchall()
         return [rule_from_json(body) for (body,) in rows]
 
+    def recent_alerts(self, allowed: Sequence[str] | None, *, limit: int = 20) -> list[tuple[str, CaptionDoc]]:
+        """The newest fired alerts as ``(rule_id, caption)``, newest capture first."""
+        where = "a.fired = 1"
+        params: list[Any] = []
+        if allowed is not None:
+            if not allowed:
+                return []
+            where += f" AND a.device_id IN ({','.join('?' * len(allowed))})"
+            params.extend(allowed)
+        sql = (f"SELECT a.rule_id, {_DOC_COLS} FROM alert_frames a JOIN captions c "
+               f"ON c.device_id = a.device_id AND c.frame_id = a.frame_id WHERE {where} "
+               "ORDER BY a.captured_us DESC LIMIT ?")
+        with self._errors("read recent alerts"):
+            rows = self._conn().execute(sql, (*params, limit)).fetchall()
+        return [(str(row[0]), _doc(row[1:])) for row in rows]
+
     def claim_alert(self, rule_id: str, doc: CaptionDoc, cooldown_s: float) -> bool:
         """True exactly once per (rule, frame), and only when the rule's last alert for the
         device is more than ``cooldown_s`` older than ``doc.captured_at`` (one ``BEGIN

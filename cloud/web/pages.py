@@ -35,6 +35,7 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from pydantic import ValidationError
 
+from cloud.web import query as ql
 from cloud.web.api import RuleIn, make_rule, remove_rule, rules_for
 from cloud.web.api import frame as api_frame
 from cloud.web.auth import Account, safe_next
@@ -43,6 +44,7 @@ from cloud.web.deps import (
     SearchParams,
     UserDep,
     WebContext,
+    allowed_devices,
     check_device,
     get_ctx,
     get_doc,
@@ -53,7 +55,14 @@ from cloud.web.deps import (
     run_search,
 )
 from cloud.web.index import CaptionIndexError, QueryError
-from cloud.web.model import MAX_PAGE_SIZE, CaptionDoc, SearchFilters, SearchRequest
+from cloud.web.model import (
+    MAX_PAGE_SIZE,
+    AlertEvent,
+    AlertRule,
+    CaptionDoc,
+    SearchFilters,
+    SearchRequest,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -619,8 +628,32 @@ def _alerts(request: Request, user: Account, *, error: str | None = None,
     shown.update(form or {})
     return render(request, "alerts.html", {
         "rules": rules, "error": error, "notice": notice, "form": shown,
-        "device_ids": _device_ids(ctx, user), "recent": None,
+        "device_ids": _device_ids(ctx, user), "recent": _recent_alerts(ctx, user, rules),
     }, user=user, nav="alerts", status_code=status)
+
+
+def _recent_alerts(ctx: WebContext, user: Account, rules: Sequence[AlertRule]) -> list[AlertEvent] | None:
+    """The newest alerts of the rules this user sees, on the devices it may see (None when
+    the index cannot say)."""
+    by_id = {rule.rule_id: rule for rule in rules}
+    try:
+        allowed = allowed_devices(user)
+        fired = ctx.index.recent_alerts(sorted(allowed) if allowed is not None else None, limit=20)
+    except CaptionIndexError:
+        logger.exception("recent alerts could not be read")
+        return None
+    events = []
+    for rule_id, doc in fired:
+        rule = by_id.get(rule_id)
+        if rule is None:
+            continue
+        try:
+            parsed = ql.parse_query(rule.query)
+        except QueryError:
+            parsed = None
+        words = (ql.match_caption(parsed, doc.caption) or []) if parsed is not None else []
+        events.append(AlertEvent(rule=rule, doc=doc, matched_words=words, fired_at=doc.captured_at))
+    return events
 
 
 @router.get("/alerts", response_class=HTMLResponse)

@@ -190,6 +190,21 @@ def test_claim_alert_once_and_folds(caption_index: CaptionIndex) -> None:
     assert caption_index.claim_alert("r", d[4], 60) is False
 
 
+def test_recent_alerts_are_the_fired_ones_newest_first_within_the_allowed_devices(
+        caption_index: CaptionIndex) -> None:
+    d = [doc("cam1", f"f{i}", T0 + timedelta(seconds=s), "a truck") for i, s in enumerate([0, 30, 61])]
+    other = doc("cam2", "g0", T0 + timedelta(seconds=45), "a red truck")
+    caption_index.upsert([*d, other])
+    for item in (*d, other):
+        caption_index.claim_alert("r", item, 60)  # f1 is folded into f0's alert
+    fired = caption_index.recent_alerts(None)
+    assert [(rule, x.frame_id) for rule, x in fired] == [("r", "f2"), ("r", "g0"), ("r", "f0")]
+    assert fired[1][1].caption == "a red truck"
+    assert [x.frame_id for _, x in caption_index.recent_alerts(["cam1"])] == ["f2", "f0"]
+    assert caption_index.recent_alerts([]) == []
+    assert [x.frame_id for _, x in caption_index.recent_alerts(None, limit=1)] == ["f2"]
+
+
 def _race(claimers: list[Callable[[CaptionDoc], bool]], docs: list[CaptionDoc]) -> list[list[bool]]:
     barrier = threading.Barrier(len(claimers))
     results: list[list[bool]] = [[] for _ in claimers]

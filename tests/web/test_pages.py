@@ -485,6 +485,24 @@ def test_viewer_rules_bounded_to_its_devices(viewer: TestClient, ctx: WebContext
     assert rule.devices == ("cam1",) and rule.owner == "ann"
 
 
+def test_recent_alerts_listed_for_the_rules_and_devices_one_may_see(admin: TestClient, viewer: TestClient,
+                                                                   ctx: WebContext) -> None:
+    from cloud.web.model import AlertRule
+
+    ctx.index.save_rule(AlertRule(rule_id="vehicles", name="Vehicles", query="truck OR dog", owner="root"))
+    ctx.index.save_rule(AlertRule(rule_id="bikes", name="Bikes", query="bike", owner="ann"))
+    by_frame = {d.frame_id: d for d in DOCS}
+    for rule_id, frame in (("vehicles", "f-0002"), ("vehicles", "g-0001"), ("bikes", "f-0001")):
+        assert ctx.index.claim_alert(rule_id, by_frame[frame], 0)
+    rows = [text_of(e) for e in page(admin, "/alerts").by_class("alert-event")]
+    assert len(rows) == 3
+    assert "cam2" in rows[0] and "a dog sitting on a couch" in rows[0] and "dog" in rows[0]
+    assert "Vehicles" in rows[1] and "truck" in rows[1]
+    # ann (cam1 only) sees the alert of her own rule, not the admin's rules nor cam2
+    rows = [text_of(e) for e in page(viewer, "/alerts").by_class("alert-event")]
+    assert len(rows) == 1 and "Bikes" in rows[0] and "a man riding a bike" in rows[0]
+
+
 def test_alert_form_needs_login(ctx: WebContext) -> None:
     with _client(ctx) as client:
         answer = client.post("/alerts", data={"name": "x", "query": "truck"})
