@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import glob
 import json
+import os
+import re
+import signal
 import ssl
 import threading
 import time
@@ -17,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import SecretStr
 
 from common.config import MqttConfig
-from common.stack import GRPC_OFFSET, LocalStack, main, mqtt_connack, pid_alive
+from common.stack import GRPC_OFFSET, LocalStack, main, mqtt_connack, pid_alive, server_pids
 from common.storage import ObjectStore, StorageError
 
 
@@ -348,5 +351,83 @@ def test_cli_up_status_down_with_tls(tmp_path: Path, capsys) -> None:  # noqa: A
     pids = (stack.mosquitto.pid, stack.seaweedfs.pid)
     assert not any(pid_alive(p) for p in pids)
     assert main(["status", "--state-dir", str(state)]) == 3
-    for port in (stack.s3_port, stack.ports["filer"]):
+    for port in (stack.s3_port, stack._port("filer")):
         assert glob.glob(f"/tmp/seaweedfs-*-grpc-{port + GRPC_OFFSET}.sock") == []
+
+
+def _kill9(pid: int | None) -> None:
+    """SIGKILL a server of a stack that the test started (from its stack.json), and wait until it
+    is gone (it may stay a zombie of this process: pid_alive says False for that)."""
+    assert pid is not None and pid_alive(pid)
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while pid_alive(pid):
+        assert time.monotonic() < deadline, f"pid {pid} still alive 10 s after SIGKILL"
+        time.sleep(0.02)
+
+
+@pytest.mark.slow
+def test_stack_up_heals_what_was_killed_and_status_names_it(tmp_path: Path, capsys) -> None:  # noqa: ANN001
+    """kill -9 of either server (issue 8 item 6): status says which is dead, ``up`` restarts only
+    that one, on its ports and data (objects kept), and never starts a second server."""
+    state = tmp_path / "st"
+    assert main(["up", "--state-dir", str(state), "--device", "cam1", "--timeout", "60"]) == 0
+    first = LocalStack.load(state)
+    try:
+        first.storage().put("frames/cam1/kept.jpg", b"kept")
+        capsys.readouterr()
+        # 1. mosquitto killed: status names it, up restarts it and leaves SeaweedFS alone.
+        _kill9(first.mosquitto.pid)
+        assert main(["status", "--state-dir", str(state)]) == 3
+        out = capsys.readouterr().out
+        assert re.search(r"^mosquitto\s+dead\b", out, re.M) and re.search(r"^seaweedfs\s+running\b", out, re.M)
+        assert "'framecap stack up' restarts" in out
+        status = json.loads(_cli_json(state, capsys))
+        assert status["mosquitto"]["state"] == "dead" and status["seaweedfs"]["state"] == "running"
+        assert main(["up", "--state-dir", str(state)]) == 0
+        out = capsys.readouterr().out
+        assert "healed: restarted mosquitto" in out and "seaweedfs" not in out.split("\n")[0]
+        healed = LocalStack.load(state)
+        assert healed.seaweedfs.pid == first.seaweedfs.pid and pid_alive(first.seaweedfs.pid)
+        assert healed.mosquitto.pid != first.mosquitto.pid and healed.running()
+        assert healed.mqtt_port == first.mqtt_port and healed.s3_port == first.s3_port
+        assert mqtt_connack(healed.host, healed.mqtt_port, "cam1", healed.password("cam1")) == 0
+        assert server_pids("mosquitto", healed.mosquitto.needle) == [healed.mosquitto.pid]
+        # 2. SeaweedFS killed: up restarts it on the same ports and data; mosquitto keeps its pid.
+        _kill9(healed.seaweedfs.pid)
+        assert json.loads(_cli_json(state, capsys))["seaweedfs"]["state"] == "dead"
+        assert main(["up", "--state-dir", str(state), "--timeout", "60"]) == 0
+        assert "healed: restarted seaweedfs" in capsys.readouterr().out
+        again = LocalStack.load(state)
+        assert again.mosquitto.pid == healed.mosquitto.pid and again.running()
+        assert again.s3_port == first.s3_port
+        assert again.storage().get("frames/cam1/kept.jpg") == b"kept"
+        assert server_pids("weed", again.seaweedfs.needle) == [again.seaweedfs.pid]
+        # 3. stack.json holds a stale pid while the broker runs under another: up adopts the
+        # running one instead of starting a second broker on the same data.
+        data = json.loads(again.state_file.read_text())
+        real = data["mosquitto"]["pid"]
+        data["mosquitto"]["pid"] = 999_999_999
+        again.state_file.write_text(json.dumps(data))
+        assert main(["up", "--state-dir", str(state)]) == 0
+        assert "already running" in capsys.readouterr().out
+        assert server_pids("mosquitto", again.mosquitto.needle) == [real]
+        assert LocalStack.load(state).mosquitto.pid == real
+        # 4. both killed: up starts both again, with the same ports and data.
+        _kill9(real)
+        _kill9(again.seaweedfs.pid)
+        assert main(["status", "--state-dir", str(state)]) == 3
+        assert "mosquitto and seaweedfs" in capsys.readouterr().out
+        assert main(["up", "--state-dir", str(state), "--timeout", "60"]) == 0
+        last = LocalStack.load(state)
+        assert last.running() and last.storage().get("frames/cam1/kept.jpg") == b"kept"
+        assert last.mqtt_port == first.mqtt_port and last.s3_port == first.s3_port
+    finally:
+        assert main(["down", "--state-dir", str(state), "--timeout", "2"]) == 0
+    assert json.loads(_cli_json(state, capsys))["mosquitto"]["state"] == "stopped"
+
+
+def _cli_json(state: Path, capsys) -> str:  # noqa: ANN001
+    capsys.readouterr()
+    main(["status", "--json", "--state-dir", str(state)])
+    return str(capsys.readouterr().out)

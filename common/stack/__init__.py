@@ -58,6 +58,7 @@ from common.stack.process import (
     pick_port,
     pid_alive,
     port_is_free,
+    server_pids,
 )
 from common.stack.seaweedfs import PROBE_KEY, find_weed, weed_command
 from common.stack.state import DEFAULT_BUCKET, DEFAULT_STATE_DIR, ROLES, STATE_VERSION
@@ -85,5 +86,6 @@ __all__ = [
     "pick_port",
     "pid_alive",
     "port_is_free",
+    "server_pids",
     "weed_command",
 ]

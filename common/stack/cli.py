@@ -8,7 +8,7 @@ import logging
 import sys
 from pathlib import Path
 
-from common.stack.local import LocalStack
+from common.stack.local import LocalStack, StackAlreadyRunning
 from common.stack.process import StackError
 from common.stack.state import DEFAULT_BUCKET, DEFAULT_STATE_DIR
 
@@ -19,13 +19,17 @@ DESCRIPTION = ("The local stack: mosquitto (MQTT) and SeaweedFS (S3) on 127.0.0.
 def _print_endpoints(stack: LocalStack) -> None:
     st = stack.status()
     mq, sw = st["mosquitto"], st["seaweedfs"]
-    print(f"mosquitto  {'running' if mq['running'] else 'stopped':8} pid {mq['pid']}  {mq['url']}"
+    print(f"mosquitto  {mq['state']:8} pid {mq['pid']}  {mq['url']}"
           + (f"  {mq['tls_url']} (CA {mq['ca_certs']})" if "tls_url" in mq else ""))
-    print(f"seaweedfs  {'running' if sw['running'] else 'stopped':8} pid {sw['pid']}  {sw['endpoint_url']}"
-          f"  bucket {st['bucket']}")
+    print(f"seaweedfs  {sw['state']:8} pid {sw['pid']}  {sw['endpoint_url']}  bucket {st['bucket']}")
     print(f"accounts   {', '.join(st['accounts'])}")
     print(f"secrets    {st['secrets']['mqtt_accounts']}, {st['secrets']['s3_credentials']}")
     print(f"state      {st['state_dir']}/stack.json")
+    dead = [name for name in ("mosquitto", "seaweedfs") if st[name]["state"] == "dead"]
+    if dead:
+        print(f"dead       {' and '.join(dead)} (killed or crashed; its log: "
+              f"{', '.join(st[name]['log'] for name in dead)}): 'framecap stack up' restarts "
+              "what died and keeps what runs")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -34,7 +38,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
                         help="state directory (default: %(default)s)")
-    up = sub.add_parser("up", parents=[common], help="start mosquitto and SeaweedFS")
+    up = sub.add_parser("up", parents=[common],
+                        help="start mosquitto and SeaweedFS; on a partly dead stack, restart what died")
     up.add_argument("--mqtt-port", type=int, help="MQTT port (default: a free one)")
     up.add_argument("--s3-port", type=int, help="S3 port (default: a free one; port+10000 is used too)")
     up.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default: %(default)s)")
@@ -44,7 +49,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     down = sub.add_parser("down", parents=[common], help="stop what 'up' started")
     down.add_argument("--timeout", type=float, default=30.0,
                       help="seconds before SIGKILL (SeaweedFS takes ~17 s to stop gracefully)")
-    status = sub.add_parser("status", parents=[common], help="show what runs")
+    status = sub.add_parser("status", parents=[common],
+                            help="show what runs, what was stopped and what died (exit 3 unless both run)")
     status.add_argument("--json", action="store_true", help="print status as JSON")
     add = sub.add_parser("add-device", parents=[common], help="create a device account and its ACL")
     add.add_argument("name", help="device_id (letters, digits, '.', '_', '-')")
@@ -54,14 +60,20 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
-    existing = LocalStack(args.state_dir)
-    if existing.state_file.exists() and LocalStack.load(args.state_dir).running():
-        print(f"already running in {existing.state_dir}")
-        _print_endpoints(LocalStack.load(args.state_dir))
-        return 0
     stack = LocalStack(args.state_dir, mqtt_port=args.mqtt_port, s3_port=args.s3_port,
                        bucket=args.bucket, devices=args.device, tls=args.tls)
-    stack.up(timeout_s=args.timeout)
+    try:
+        stack.up(timeout_s=args.timeout)
+    except StackAlreadyRunning:
+        loaded = LocalStack.load(args.state_dir)
+        for device in args.device:
+            loaded.add_device(device)
+        print(f"already running in {loaded.state_dir}")
+        _print_endpoints(loaded)
+        return 0
+    if stack.healed:
+        print(f"healed: restarted {' and '.join(stack.healed)} (it had died); "
+              "kept what was running")
     print(f"stack up in {stack.timings['up_s']:.1f} s")
     _print_endpoints(stack)
     return 0

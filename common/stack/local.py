@@ -5,14 +5,20 @@ from __future__ import annotations
 import logging
 import signal
 import time
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 from common.stack.mosquitto import MosquittoControl, find_mosquitto
-from common.stack.process import GRPC_OFFSET, StackError, pick_port, pid_alive, port_is_free
+from common.stack.process import GRPC_OFFSET, StackError, pick_port, port_is_free
 from common.stack.seaweedfs import SeaweedControl, find_weed
 from common.stack.state import DEFAULT_BUCKET, DEFAULT_STATE_DIR
 
 logger = logging.getLogger(__name__)
+
+
+class StackAlreadyRunning(StackError):
+    """:meth:`LocalStack.up` found both servers of its state directory running."""
 
 
 class LocalStack(MosquittoControl, SeaweedControl):
@@ -31,12 +37,14 @@ class LocalStack(MosquittoControl, SeaweedControl):
     :meth:`down`. :meth:`load` attaches to a stack that ``framecap stack up`` started.
     """
 
-    def _choose_ports(self) -> None:
-        taken: list[int] = []
+    def _choose_ports(self, keep: Iterable[str] = ()) -> None:
+        """Fill :attr:`ports`: earlier ports when free, else free ones; the ports in ``keep``
+        (those of a server that runs) are kept as they are."""
+        taken: list[int] = [p for n, p in self.ports.items() if n in keep and p is not None]
         if not self.tls:
             self.ports["mqtt_tls"] = None
         for name in ("mqtt", "mqtt_tls"):
-            if name == "mqtt_tls" and not self.tls:
+            if name in keep or (name == "mqtt_tls" and not self.tls):
                 continue
             port = self.ports.get(name)
             if port is None or not port_is_free(port):
@@ -46,6 +54,8 @@ class LocalStack(MosquittoControl, SeaweedControl):
             self.ports[name] = port
             taken.append(port)
         for name in ("s3", "master", "volume", "filer"):
+            if name in keep:
+                continue
             port = self.ports.get(name)
             if port is None or not (port_is_free(port) and port_is_free(port + GRPC_OFFSET)):
                 if port is not None and name == "s3" and self._explicit_s3:
@@ -54,37 +64,90 @@ class LocalStack(MosquittoControl, SeaweedControl):
             self.ports[name] = port
             taken += [port, port + GRPC_OFFSET]
 
+    def _adopt(self, previous: dict[str, Any]) -> list[str]:
+        """Take over what an earlier ``up`` in this state directory left: the PIDs of its servers
+        (or of a server found on our config/data under another PID), and, when one of them
+        still runs, its ports, bucket, TLS and ACL settings. Returns the names of the servers
+        that run."""
+        for svc in (self.mosquitto, self.seaweedfs):
+            svc.pid = previous.get(svc.name, {}).get("pid")
+            svc.stopped = previous.get(svc.name, {}).get("state") == "stopped"
+            if not svc.running():
+                others = svc.others()
+                if len(others) > 1:
+                    raise StackError(f"{len(others)} {svc.name} servers (pids {others}) run on "
+                                     f"{svc.needle}; stop them before 'framecap stack up'")
+                if others:
+                    logger.warning("%s runs on %s as pid %d, not the pid %s in %s: adopting it",
+                                   svc.name, svc.needle, others[0], svc.pid, self.state_file)
+                    svc.pid = others[0]
+        alive = [svc.name for svc in (self.mosquitto, self.seaweedfs) if svc.running()]
+        for name, port in previous.get("ports", {}).items():
+            if alive or self.ports.get(name) is None:
+                self.ports[name] = port
+        if alive:  # a running server keeps the settings it was started with
+            self.bucket = previous.get("bucket", self.bucket)
+            self.tls = bool(previous.get("tls", self.tls))
+            self.acl_prefix = previous.get("acl_prefix", self.acl_prefix)
+            self._explicit_mqtt = self._explicit_s3 = True  # a dead server comes back on its ports
+        self.devices += [d for d in previous.get("devices", []) if d not in self.devices]
+        return alive
+
     def up(self, timeout_s: float = 90.0) -> LocalStack:
         """Start mosquitto and SeaweedFS, create the bucket, write ``stack.json``; returns self.
 
         Reuses the secrets, data and (when free) ports of an earlier run in the same state dir.
+        Heals a partly dead stack: when one server still runs (the other was killed or crashed),
+        it is kept and only the dead one is started again, on its own ports and data; a server
+        found running on this stack's config or data directory is adopted, never doubled.
+        :attr:`healed` names what was restarted.
 
         Raises:
-            StackError: already running here, a binary is missing, or a server did not come up
-                (whatever was started is stopped again).
+            StackAlreadyRunning: both servers already run here (a StackError).
+            StackError: a binary is missing, a port is taken, or
+                a server did not come up (whatever this call started is stopped again).
         """
         find_mosquitto(), find_weed()
         self.state_dir.mkdir(parents=True, exist_ok=True)
-        previous = self._read_state()
-        if previous and (pid_alive(previous.get("mosquitto", {}).get("pid"), self.mosquitto.needle)
-                         or pid_alive(previous.get("seaweedfs", {}).get("pid"), self.seaweedfs.needle)):
-            raise StackError(f"a stack already runs in {self.state_dir}; 'framecap stack down' first")
-        for name, port in (previous or {}).get("ports", {}).items():
-            if self.ports.get(name) is None:
-                self.ports[name] = port
         t0 = time.monotonic()
         with self._locked():
+            previous = self._read_state()
+            alive = self._adopt(previous) if previous else []
+            if len(alive) == 2:
+                self._save_state()  # with the PIDs found running
+                raise StackAlreadyRunning(f"a stack already runs in {self.state_dir}; "
+                                          "'framecap stack down' first")
+            self.healed = [svc.name for svc in (self.mosquitto, self.seaweedfs)
+                           if alive and svc.name not in alive]
+            for name in self.healed:
+                logger.warning("%s is dead (pid %s gone): restarting it; %s keeps running", name,
+                               getattr(self, name).pid, " and ".join(alive))
+            keep = {"mosquitto": ("mqtt", "mqtt_tls"), "seaweedfs": ("s3", "master", "volume", "filer")}
+            devices_before = set(self.accounts())
             self._ensure_secrets()
             self.mosquitto_dir.mkdir(parents=True, exist_ok=True)
             if self.tls:
                 self._make_tls_files()
-            self._choose_ports()
-        try:
-            self.start_mosquitto()
-            self.start_seaweedfs(timeout_s)
-        except BaseException:
-            self.down(timeout_s=3.0)
-            raise
+            self._choose_ports([port for name in alive for port in keep[name]])
+            started: list[str] = []
+            try:
+                if "mosquitto" in alive:
+                    if set(self.accounts()) != devices_before:
+                        self._write_auth_files()
+                        self.reload_mosquitto()
+                else:
+                    started.append("mosquitto")
+                    self.start_mosquitto()
+                if "seaweedfs" not in alive:
+                    started.append("seaweedfs")
+                    self.start_seaweedfs(timeout_s)
+            except BaseException:
+                for name in started:
+                    getattr(self, name).stop(signal.SIGKILL, 3.0)
+                self._remove_sockets()
+                self._save_state()
+                raise
+            self._save_state()
         self.timings["up_s"] = round(time.monotonic() - t0, 3)
         logger.info("local stack up in %.1f s: mqtt://%s:%s, %s, bucket %s", self.timings["up_s"],
                     self.host, self.mqtt_port, self.s3_endpoint, self.bucket)
@@ -127,6 +190,7 @@ class LocalStack(MosquittoControl, SeaweedControl):
         stack.devices = list(state.get("devices", []))
         stack.ports.update(state.get("ports", {}))
         stack.timings = dict(state.get("timings", {}))
-        stack.mosquitto.pid = state.get("mosquitto", {}).get("pid")
-        stack.seaweedfs.pid = state.get("seaweedfs", {}).get("pid")
+        for svc in (stack.mosquitto, stack.seaweedfs):
+            svc.pid = state.get(svc.name, {}).get("pid")
+            svc.stopped = state.get(svc.name, {}).get("state") == "stopped"
         return stack

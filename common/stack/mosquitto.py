@@ -230,6 +230,11 @@ class MosquittoControl(StackState):
         until the admin account gets a CONNACK. Raises StackError if it does not come up."""
         if self.mosquitto.running():
             return
+        others = self.mosquitto.others()
+        if others:
+            raise StackError(f"mosquitto already runs on {self.mosquitto.needle} (pid {others[0]}), "
+                             "not as the pid this stack knows; 'framecap stack up' adopts it")
+        self.mosquitto.stopped = False
         self._write_auth_files()
         self._write_mosquitto_conf()
         t0 = time.monotonic()

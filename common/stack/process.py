@@ -81,6 +81,26 @@ def pid_alive(pid: int | None, needle: str | None = None) -> bool:
     return True
 
 
+def server_pids(program: str, needle: str) -> list[int]:
+    """PIDs of running ``program`` processes (the basename of argv[0]) that have ``needle`` as an
+    argument or as the value of a ``-flag=needle`` argument: the servers on one config or data
+    directory, whoever started them (zombies have no command line and are not listed)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            args = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        words = [a.decode(errors="replace") for a in args if a]
+        if not words or os.path.basename(words[0]) != program:
+            continue
+        if any(w == needle or w.endswith("=" + needle) for w in words[1:]) and pid_alive(int(entry)):
+            found.append(int(entry))
+    return sorted(found)
+
+
 def write_private(path: Path, text: str) -> None:
     """Write a file readable by its owner only (0600), atomically."""
     tmp = path.with_name(path.name + ".tmp")
@@ -103,9 +123,11 @@ class _Service:
     """One process of the stack: how to recognise it and how it was started."""
 
     name: str
-    needle: str  # a string in its command line that only our instance has
+    needle: str  # an argument that only our instance has (its config file or data directory)
     log: Path
+    program: str = ""  # the binary's file name, to find our servers by command line
     pid: int | None = None
+    stopped: bool = False  # stopped by us (down, stop, kill): not running is not "dead"
     proc: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     def running(self) -> bool:
@@ -115,6 +137,20 @@ class _Service:
             # look like "exited at start" on a loaded machine).
             return self.proc.poll() is None and pid_alive(self.proc.pid)
         return pid_alive(self.pid, self.needle)
+
+    def state(self) -> str:
+        """``running``; ``stopped`` (never started, or stopped by the stack); or ``dead``: it was
+        started and its PID is gone without the stack stopping it (killed, crashed)."""
+        if self.running():
+            return "running"
+        return "dead" if self.pid and not self.stopped else "stopped"
+
+    def others(self) -> list[int]:
+        """PIDs of servers on our config/data that are not the process we know of."""
+        if not self.program:
+            return []
+        mine = self.proc.pid if self.proc is not None else self.pid
+        return [p for p in server_pids(self.program, self.needle) if p != mine]
 
     def signal(self, sig: int) -> None:
         if self.running() and self.pid:
@@ -127,14 +163,21 @@ class _Service:
             if self.proc is not None:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     self.proc.wait(timeout=0.05)
-            if not self.running():
+            if not self.running() and not self._exiting():
                 return True
             time.sleep(0.05)
         return not self.running()
 
+    def _exiting(self) -> bool:
+        # A killed process loses its command line before it is gone (or a zombie): running()
+        # already says False then, but its ports and files may still be held.
+        pid = self.proc.pid if self.proc is not None else self.pid
+        return pid_alive(pid)
+
     def stop(self, sig: int, timeout_s: float) -> float:
         """Send ``sig``; SIGKILL after ``timeout_s``. Returns the seconds it took."""
         t0 = time.monotonic()
+        self.stopped = True
         if not self.running():
             return 0.0
         self.signal(sig)

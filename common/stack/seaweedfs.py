@@ -72,6 +72,12 @@ class SeaweedControl(StackState):
         can be put into and read back from the bucket. Raises StackError if it does not."""
         if self.seaweedfs.running():
             return
+        others = self.seaweedfs.others()
+        if others:
+            raise StackError(f"SeaweedFS already runs on {self.seaweedfs.needle} (pid {others[0]}), "
+                             "not as the pid this stack knows; 'framecap stack up' adopts it")
+        self.seaweedfs.stopped = False
+        self._remove_sockets()  # left by a SeaweedFS that was killed
         for sub in ("data", "tmp"):
             (self.weed_dir / sub).mkdir(parents=True, exist_ok=True)
         if len(str(self.weed_dir / "filer.sock")) > 100:

@@ -54,9 +54,11 @@ class StackState:
         self.weed_dir = self.state_dir / "seaweedfs"
         self.secrets_dir = self.state_dir / "secrets"
         self.mosquitto = _Service("mosquitto", str(self.mosquitto_dir / "mosquitto.conf"),
-                                  self.mosquitto_dir / "mosquitto.log")
-        self.seaweedfs = _Service("seaweedfs", str(self.weed_dir / "data"), self.weed_dir / "weed.log")
+                                  self.mosquitto_dir / "mosquitto.log", program="mosquitto")
+        self.seaweedfs = _Service("seaweedfs", str(self.weed_dir / "data"), self.weed_dir / "weed.log",
+                                  program="weed")
         self.timings: dict[str, float] = {}
+        self.healed: list[str] = []  # servers the last up() found dead and started again
         self._explicit_mqtt = mqtt_port is not None
         self._explicit_s3 = s3_port is not None
 
@@ -208,8 +210,11 @@ class StackState:
 
     def status(self) -> dict[str, Any]:
         """What runs: ``{"state_dir", "bucket", "mosquitto": {...}, "seaweedfs": {...}}`` with
-        running flags, PIDs, endpoints and log paths (no secrets)."""
-        mqtt: dict[str, Any] = {"running": self.mosquitto.running(), "pid": self.mosquitto.pid,
+        running flags, PIDs, endpoints and log paths (no secrets). Each server's ``state`` is
+        ``running``, ``stopped`` or ``dead`` (started, then gone without ``down``: killed or
+        crashed; ``framecap stack up`` restarts it)."""
+        mqtt: dict[str, Any] = {"running": self.mosquitto.running(), "state": self.mosquitto.state(),
+                                "pid": self.mosquitto.pid,
                                 "url": f"mqtt://{self.host}:{self.ports['mqtt']}",
                                 "port": self.ports["mqtt"], "log": str(self.mosquitto.log)}
         if self.tls and self.ports.get("mqtt_tls"):
@@ -220,7 +225,8 @@ class StackState:
             "bucket": self.bucket,
             "acl_prefix": self.acl_prefix,
             "mosquitto": mqtt,
-            "seaweedfs": {"running": self.seaweedfs.running(), "pid": self.seaweedfs.pid,
+            "seaweedfs": {"running": self.seaweedfs.running(), "state": self.seaweedfs.state(),
+                          "pid": self.seaweedfs.pid,
                           "endpoint_url": f"http://{self.host}:{self.ports['s3']}",
                           "ports": {k: self.ports[k] for k in ("s3", "master", "volume", "filer")},
                           "log": str(self.seaweedfs.log)},
