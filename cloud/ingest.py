@@ -1,8 +1,11 @@
 """``framecap ingest``: frames from MQTT into S3, then the acks (../shared/DESIGN.md, Ingest).
 
 Each replica subscribes to ``$share/{share_group}/{prefix}/+/frames`` (MQTT v5 shared
-subscription, 4.8.2) so replicas split the load, with a persistent session
-(``clean_start=False``) and manual acks. The paho callback only enqueues; one worker thread
+subscription, 4.8.2) so replicas split the load, with a clean session (a replaced replica
+strands nothing in the broker; see :mod:`cloud.service`) and manual acks. At start it probes
+S3 (credentials, bucket) and refuses to start on an error no retry heals. On stop it first
+leaves the share group (UNSUBSCRIBE), so new frames go to the other replicas, then stores and
+acks the frames it already received, then disconnects. The paho callback only enqueues; one worker thread
 validates each frame, puts it under ``frames/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.jpg`` with
 ``If-None-Match: *`` (a redelivered frame never makes a second object nor replaces the bytes),
 THEN sends the MQTT PUBACK, then publishes a :class:`~common.messages.FrameAck` on
@@ -11,7 +14,9 @@ PUBLISHes arrived (MQTT 5.0, 4.6). The in-memory queue is bounded by the broker:
 most its in-flight limit of unacked QoS 1 messages (mosquitto ``max_inflight_messages``).
 
 While S3 is down a frame is retried with backoff, never acked and never dropped; the outage is
-logged once. An invalid frame is logged with device, frame and reason, counted, acked (so the
+logged once. A permanent S3 error (credentials, access, a missing bucket that
+``s3.create_bucket`` does not allow to create) stops the service with the cause (exit 1); the
+frame stays unacked. An invalid frame is logged with device, frame and reason, counted, acked (so the
 broker does not redeliver it forever) and skipped.
 """
 
@@ -31,6 +36,7 @@ import paho.mqtt.client as mqtt
 from cloud import metrics
 from cloud.service import (
     CloudService,
+    ShareGroupClient,
     Stopping,
     add_common_arguments,
     common_overrides,
@@ -41,12 +47,12 @@ from cloud.service import (
 from cloud.validation import InvalidFrame, ValidFrame, validate_frame
 from common.config import ConfigError, IngestConfig, load_config
 from common.messages import FrameAck
-from common.mqtt import MqttClient
 from common.storage import ObjectNotFoundError, ObjectStore, StorageError
 
 logger = logging.getLogger(__name__)
 
 JPEG_CONTENT_TYPE = "image/jpeg"
+DRAIN_QUIET_S = 0.3  # on stop, after leaving the share group: a pause this long ends the drain
 
 
 @dataclass
@@ -90,24 +96,29 @@ class IngestService(CloudService):
             store=store,
             client_id=client_id,
             s3_errors=metrics.INGEST_S3_ERRORS,
+            create_bucket=config.s3.create_bucket,
         )
         self.config = config
+        self._frames_filter = self.topics.shared(config.share_group, "frames")
+        self._last_received = 0.0  # time.monotonic() of the last frame received
         self._queue: queue.Queue[_Inbound | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self._generation = 0
+        self._busy = 0  # frames received and not yet handled (queued or in hand)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Open the store, start the worker thread and connect; returns at once.
+        """Open and probe the store, start the worker thread and connect; returns at once.
 
         Raises:
-            StorageError: the store cannot be opened (bad endpoint or credentials format).
+            StorageError: S3 refuses this service (credentials, access, a missing bucket not
+                created; ``permanent``), or the store cannot be opened.
         """
         if self._store is None:
-            self._store = open_store(self.config.s3)
-        client = MqttClient(self.config.mqtt, self.client_id, manual_ack=True, clean_start=False)
+            self._store = open_store(self.config.s3, "ingest")
+        client = ShareGroupClient(self.config.mqtt, self.client_id, manual_ack=True)
         client.on_connected(self._on_connected)
-        client.subscribe(self.topics.shared(self.config.share_group, "frames"), self._on_message, 1)
+        client.share(self._frames_filter, self._on_message, 1)
         self._client = client
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="ingest-worker", daemon=True)
@@ -121,13 +132,36 @@ class IngestService(CloudService):
         )
 
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop the worker thread (a frame mid-retry stays unacked: the broker redelivers it)
-        and disconnect. Waits at most ``timeout`` seconds for the thread."""
+        """Leave the share group, store and ack the frames already received, stop the worker
+        thread and disconnect; at most ``timeout`` seconds in all.
+
+        A frame not stored by then (S3 down) stays unacked: the broker drops it with the
+        session and the edge, which has no ack for it, sends it again.
+        """
+        deadline = time.monotonic() + timeout
+        client = self._client
+        if isinstance(client, ShareGroupClient) and client.is_connected and self.failure is None:
+            left = client.leave(self._frames_filter, timeout_s=min(2.0, timeout / 2))
+            logger.info("ingest %s: left share group %s (%s); storing the %d frames received",
+                        self.client_id, self.config.share_group,
+                        "confirmed" if left else "no answer", self.backlog)
+            self._drain(deadline)
         self._stop.set()
         self._queue.put(None)
         if self._thread is not None:
-            self._thread.join(timeout)
+            self._thread.join(max(0.0, deadline - time.monotonic()))
         self._disconnect()
+
+    def _drain(self, deadline: float) -> None:
+        """Wait until the frames received are handled and none came for DRAIN_QUIET_S (the
+        broker may still send what it had queued for this client), or until ``deadline``."""
+        while time.monotonic() < deadline and self._thread is not None and self._thread.is_alive():
+            with self._lock:
+                idle = self._busy == 0 and self._queue.empty()
+                quiet = time.monotonic() - self._last_received >= DRAIN_QUIET_S
+            if idle and quiet:
+                return
+            time.sleep(0.02)
 
     @property
     def backlog(self) -> int:
@@ -143,6 +177,8 @@ class IngestService(CloudService):
         props = getattr(message.properties, "UserProperty", None) or []
         with self._lock:
             generation = self._generation
+            self._last_received = time.monotonic()
+            self._busy += 1
         self._queue.put(
             _Inbound(
                 message.topic,
@@ -166,6 +202,9 @@ class IngestService(CloudService):
                 break
             except Exception:  # noqa: BLE001 - one bad frame must never stop the service
                 logger.exception("ingest: unexpected error on a message from %s", item.topic)
+            finally:
+                with self._lock:
+                    self._busy -= 1
 
     def handle(self, item: _Inbound) -> None:
         """Validate, store, ack and acknowledge one received frame.

@@ -2,9 +2,19 @@
 
 :class:`CloudService` is the base of :class:`~cloud.ingest.IngestService` and
 :class:`~cloud.worker.CaptionWorker`: the client_id, the counters, the MQTT client's connected
-state and S3 calls retried with backoff across an outage (logged once when it starts and once
-when it ends). The rest is their command line: the options both take
+state, and S3 calls retried with backoff across an outage (logged once when it starts and once
+when it ends). An S3 error that no retry heals (:attr:`common.storage.StorageError.permanent`:
+credentials, access, a missing bucket) is not an outage: the service says why and stops
+(:attr:`CloudService.failure`; the command exits 1). A missing bucket is created first when
+``s3.create_bucket`` allows it. The rest is their command line: the options both take
 (:func:`add_common_arguments`), logging, and running until SIGINT or SIGTERM.
+
+Share-group consumers (:func:`share_group_client`) use clean MQTT sessions (``clean_start`` and
+a session expiry of 0): on mosquitto a persistent member of ``$share/...`` that is away keeps
+its round-robin turn, so a replica replaced under a new client_id (a container's new hostname)
+would strand every N-th frame in the broker for the session's lifetime. Nothing needs the
+session: the edge keeps each frame in its spool until the ingest's ack and resends it, and the
+worker also lists ``frames/``.
 """
 
 from __future__ import annotations
@@ -17,13 +27,14 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from typing import Protocol, TypeVar
+from typing import Literal, Protocol, TypeVar
 
+import paho.mqtt.client as mqtt
 import prometheus_client
 
 from common.config import MqttConfig, S3Config
-from common.mqtt import MqttClient
-from common.storage import ObjectStore, StorageError
+from common.mqtt import MessageHandler, MqttClient
+from common.storage import BucketNotFoundError, ObjectStore, StorageError
 from common.topics import Topics
 
 logger = logging.getLogger(__name__)
@@ -32,25 +43,92 @@ T = TypeVar("T")
 
 
 def default_client_id(role: str) -> str:
-    """``framecap-{role}-{hostname}``: stable across restarts, so the persistent session (and
-    the frames the broker holds for it) is found again. Set ``mqtt.client_id`` (or
-    ``--client-id``) per replica when several run on one host."""
+    """``framecap-{role}-{hostname}``. Replicas connected at the same time need different ids
+    (the broker drops the older connection of an id): set ``mqtt.client_id`` (or
+    ``--client-id``) per replica when several run on one host. The id need not survive a
+    restart: share-group consumers use clean sessions (module docstring)."""
     return f"framecap-{role}-{socket.gethostname()}"[:64]
 
 
-def open_store(config: S3Config) -> ObjectStore:
-    """The bucket of ``config``; calls fail fast (3 attempts, 3 s connect) so outages show.
+def open_store(config: S3Config, role: str = "service") -> ObjectStore:
+    """The bucket of ``config``, probed (:meth:`ObjectStore.probe`); calls fail fast (3 attempts,
+    3 s connect) so outages show.
 
-    Creates the bucket when ``config.create_bucket``; if S3 does not answer yet, says so and
-    goes on (every later call retries).
+    Creates the bucket when it is missing and ``config.create_bucket``. If S3 does not answer
+    yet, says so and goes on (every later call retries).
+
+    Raises:
+        StorageError: a permanent error (credentials, access, a missing bucket not created);
+            its ``hint`` says where to look.
     """
     store = ObjectStore(config, connect_timeout_s=3.0, read_timeout_s=15.0, max_attempts=3)
-    if config.create_bucket:
-        try:
-            store.ensure_bucket()
-        except StorageError as err:
-            logger.warning("bucket %s not checked at start: %s", config.bucket, err)
+    try:
+        if store.probe(create_bucket=config.create_bucket):
+            logger.warning("%s: bucket %s was missing; created it (s3.create_bucket)", role,
+                           config.bucket)
+    except StorageError as err:
+        if err.permanent:
+            raise
+        logger.warning("%s: S3 does not answer at start (%s); every S3 call is retried until it "
+                       "does", role, err)
     return store
+
+
+def failure_message(err: StorageError) -> str:
+    """A permanent S3 error in one line: what failed, and where to look."""
+    return f"{err} ({err.hint})" if err.hint else str(err)
+
+
+class ShareGroupClient(MqttClient):
+    """An :class:`MqttClient` for a ``$share/...`` consumer: a clean session (``clean_start``,
+    session expiry 0, whatever ``config.session_expiry_s`` says; see the module docstring), and
+    :meth:`leave` to stop getting messages before disconnecting.
+
+    Args:
+        config: the broker settings.
+        client_id: MQTT client_id (unique among the replicas connected at one time).
+        manual_ack: as :class:`MqttClient`.
+    """
+
+    def __init__(self, config: MqttConfig, client_id: str, *, manual_ack: bool = False) -> None:
+        super().__init__(config.model_copy(update={"session_expiry_s": 0}), client_id,
+                         manual_ack=manual_ack, clean_start=True)
+        self._unsub_lock = threading.Lock()  # never held while calling paho
+        self._unsubacks: dict[int, threading.Event] = {}
+        self._early_unsubacks: set[int] = set()  # UNSUBACKs that came before their mid was known
+        self._client.on_unsubscribe = self._on_unsubscribe
+
+    def share(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
+        """Subscribe to ``topic_filter`` now and after every reconnect (what :meth:`subscribe`
+        does; named for the share group it joins)."""
+        self.subscribe(topic_filter, handler, qos)
+
+    def leave(self, topic_filter: str, timeout_s: float = 2.0) -> bool:
+        """UNSUBSCRIBE ``topic_filter`` (not renewed on a reconnect) and wait at most
+        ``timeout_s`` seconds for the broker's UNSUBACK. From then on the broker sends the
+        group's messages to the other members; the messages it had already sent here can still
+        be acknowledged. Returns True if the UNSUBACK came."""
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        done = threading.Event()
+        with self._unsub_lock:
+            if mid in self._early_unsubacks:
+                self._early_unsubacks.discard(mid)
+                done.set()
+            else:
+                self._unsubacks[mid] = done
+        return done.wait(timeout_s)
+
+    def _on_unsubscribe(self, client: object, userdata: object, mid: int, *_: object) -> None:
+        with self._unsub_lock:
+            done = self._unsubacks.pop(mid, None)
+            if done is None:
+                self._early_unsubacks.add(mid)
+        if done is not None:
+            done.set()
 
 
 def retry_delays(first_s: float = 0.5, max_s: float = 10.0) -> Iterator[float]:
@@ -74,6 +152,10 @@ class CloudService:
         store: the object store (tests pass a fake); the subclass opens one at start when None.
         client_id: MQTT client_id; default ``mqtt.client_id``, else :func:`default_client_id`.
         s3_errors: the Prometheus counter of failed S3 calls.
+        create_bucket: create the bucket when S3 says it is missing (``s3.create_bucket``).
+
+    Attributes:
+        failure: the permanent S3 error that stopped the service, else None.
     """
 
     def __init__(
@@ -84,8 +166,12 @@ class CloudService:
         store: ObjectStore | None,
         client_id: str | None,
         s3_errors: prometheus_client.Counter,
+        create_bucket: bool = False,
     ) -> None:
         self.role = role
+        self.create_bucket = create_bucket
+        self.failure: StorageError | None = None
+        self._failure_callbacks: list[Callable[[StorageError], None]] = []
         self.topics = Topics(mqtt.topic_prefix)
         self.client_id = client_id or mqtt.client_id or default_client_id(role)
         self._store = store
@@ -121,24 +207,71 @@ class CloudService:
             raise RuntimeError("start() opens the store")
         return self._store
 
+    def on_failure(self, callback: Callable[[StorageError], None]) -> None:
+        """Call ``callback(error)`` (on the failing thread) when a permanent S3 error stops the
+        service."""
+        self._failure_callbacks.append(callback)
+
     def _s3(self, call: Callable[[ObjectStore], T], doing: str) -> T:
         """``call(store)``, retried with backoff while S3 fails (``doing`` says what, for the log).
 
+        A missing bucket is created when allowed, then the call is retried; any other permanent
+        error stops the service (:meth:`_s3_permanent`).
+
         Raises:
-            Stopping: :meth:`stop` was called before S3 answered.
+            Stopping: :meth:`stop` was called before S3 answered, or a permanent error stopped
+                the service.
         """
         store = self._require_store()
         for delay in retry_delays():
             try:
                 result = call(store)
             except StorageError as err:
-                self._s3_failed(doing, err)
+                verdict = self._s3_permanent(doing, err)
+                if verdict == "failed":
+                    raise Stopping from err
+                if verdict == "outage":
+                    self._s3_failed(doing, err)
                 if self._stop.wait(delay):
                     raise Stopping from err
                 continue
             self._s3_back()
             return result
         raise AssertionError("retry_delays() never ends")  # pragma: no cover
+
+    def _s3_permanent(self, doing: str, err: StorageError) -> Literal["outage", "created", "failed"]:
+        """Sort a failed S3 call: ``outage`` (retry it, and log it as one), ``created`` (the
+        bucket was missing and ``create_bucket`` allowed creating it: retry the call), or
+        ``failed``: an error no retry heals. The service then fails: logged at ERROR with the
+        cause and a hint, :attr:`failure` set, the failure hooks called, :meth:`stop`'s event
+        set.
+        """
+        if isinstance(err, BucketNotFoundError) and self.create_bucket:
+            try:
+                created = self._require_store().ensure_bucket()
+            except StorageError as create_err:
+                if not create_err.permanent:
+                    return "outage"  # S3 went away meanwhile
+                err = create_err
+            else:
+                logger.warning("%s: bucket %s was missing while %s; %s", self.role, err.bucket,
+                               doing, "created it" if created else "it exists again")
+                return "created"
+        if not err.permanent:
+            return "outage"
+        self._count("s3_errors")
+        self._s3_errors.inc()
+        with self._lock:
+            first = self.failure is None
+            if first:
+                self.failure = err
+        if first:
+            logger.error("%s: S3 refuses %s, and asking again will not help: %s; stopping",
+                         self.role, doing, failure_message(err))
+            self._stop.set()
+            for callback in list(self._failure_callbacks):
+                callback(err)
+        return "failed"
 
     def _s3_failed(self, doing: str, err: Exception) -> None:
         """Count a failed S3 call; log the first of an outage as an error, the rest as debug."""
@@ -203,25 +336,37 @@ def setup_logging(verbose: bool) -> None:
 
 
 class Service(Protocol):
-    """Anything with start() and stop(): IngestService, CaptionWorker."""
+    """What :func:`run_until_signal` runs: IngestService, CaptionWorker."""
+
+    failure: StorageError | None
 
     def start(self) -> None: ...
 
     def stop(self) -> None: ...
 
+    def on_failure(self, callback: Callable[[StorageError], None]) -> None: ...
+
 
 def run_until_signal(service: Service, name: str) -> int:
-    """Run ``service`` (has start/stop) until SIGINT or SIGTERM; returns the exit status."""
+    """Run ``service`` until SIGINT or SIGTERM (exit status 0), or until a permanent S3 error
+    stops it (1; also when it cannot start: the cause and a hint on stderr)."""
     import signal
 
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    service.on_failure(lambda _err: done.set())
     try:
         service.start()
-    except (StorageError, OSError) as err:
+    except StorageError as err:
+        print(f"framecap {name}: cannot start: {failure_message(err)}", file=sys.stderr)
+        return 1
+    except OSError as err:
         print(f"framecap {name}: cannot start: {err}", file=sys.stderr)
         return 1
     done.wait()
     service.stop()
+    if service.failure is not None:
+        print(f"framecap {name}: stopped: {failure_message(service.failure)}", file=sys.stderr)
+        return 1
     return 0

@@ -12,7 +12,10 @@ first) through ``Captioner.caption_images`` (batched beam search). Each frame's 
 replicas never both write it) and, only if this worker wrote it, on
 ``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object, or a key whose
 ``YYYY/MM/DD`` is no calendar date, gets a record with an empty caption and ``error`` set.
-S3 outages are logged once and retried until S3 returns.
+S3 outages are logged once and retried until S3 returns; an error no retry heals (credentials,
+access, a missing bucket that ``s3.create_bucket`` does not allow to create) stops the worker
+with the cause (exit 1), at start (S3 is probed) or later. The acks subscription uses a clean
+session (see :mod:`cloud.service`): an ack lost with it only delays a frame to the next listing.
 
 No caption is lost between S3 and MQTT: before writing a record the worker puts a marker
 ``outbox/{client_id}/{caption_key}`` and deletes it only when the broker has acknowledged
@@ -45,6 +48,7 @@ from cloud import metrics
 from cloud.outbox import OUTBOX_PREFIX, CaptionOutbox, caption_key_of
 from cloud.service import (
     CloudService,
+    ShareGroupClient,
     Stopping,
     add_common_arguments,
     common_overrides,
@@ -56,7 +60,6 @@ from cloud.service import (
 from cloud.validation import captured_at_from, decode_image
 from common.config import ConfigError, WorkerConfig, load_config
 from common.messages import CaptionRecord, FrameAck, MessageError
-from common.mqtt import MqttClient
 from common.storage import ObjectNotFoundError, ObjectStore, StorageError, StoredObject
 from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_key
 
@@ -142,8 +145,10 @@ class CaptionWorker(CloudService):
             store=store,
             client_id=client_id,
             s3_errors=metrics.WORKER_S3_ERRORS,
+            create_bucket=config.s3.create_bucket,
         )
         self.config = config
+        self._acks_filter = self.topics.shared(config.share_group, "acks")
         self.captioner = captioner
         self._queue: queue.Queue[str] = queue.Queue()
         self._pending: set[str] = set()
@@ -159,11 +164,13 @@ class CaptionWorker(CloudService):
 
         Raises:
             ImportError, OSError, ValueError, RuntimeError: as :func:`load_captioner`.
+            StorageError: S3 refuses this service (credentials, access, a missing bucket not
+                created; ``permanent``).
         """
         if self.captioner is None:
             self.captioner = load_captioner(self.config)
         if self._store is None:
-            self._store = open_store(self.config.s3)
+            self._store = open_store(self.config.s3, "worker")
         self._stop.clear()
         self._threads = [
             threading.Thread(target=self._batch_loop, name="worker-batches", daemon=True),
@@ -172,10 +179,10 @@ class CaptionWorker(CloudService):
         for thread in self._threads:
             thread.start()
         if mqtt_enabled:
-            client = MqttClient(self.config.mqtt, self.client_id, clean_start=False)
+            client = ShareGroupClient(self.config.mqtt, self.client_id)
             client.on_published(self._on_published)
             client.on_publish_refused(self._on_publish_refused)
-            client.subscribe(self.topics.shared(self.config.share_group, "acks"), self._on_ack, 1)
+            client.share(self._acks_filter, self._on_ack, 1)
             client.start()
             self._client = client
         logger.info(
@@ -188,7 +195,11 @@ class CaptionWorker(CloudService):
         )
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Finish the current batch (at most ``timeout`` seconds), stop the threads, disconnect."""
+        """Leave the acks share group, finish the current batch (at most ``timeout`` seconds),
+        stop the threads, disconnect. Frames queued and not captioned are found by the next
+        listing of any replica."""
+        if isinstance(self._client, ShareGroupClient) and self._client.is_connected:
+            self._client.leave(self._acks_filter, timeout_s=min(2.0, timeout / 2))
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout)
@@ -321,8 +332,14 @@ class CaptionWorker(CloudService):
                 self.scan()
                 wait = self.config.list_interval_s
                 delays = retry_delays(1.0, self.config.list_interval_s)
+                self._s3_back()
             except StorageError as err:
-                self._s3_failed("listing frames/", err)
+                doing = f"{err.action} (a listing pass)"
+                verdict = self._s3_permanent(doing, err)
+                if verdict == "failed":
+                    return
+                if verdict == "outage":
+                    self._s3_failed(doing, err)
                 wait = next(delays)
             except Exception:  # noqa: BLE001 - keep listing whatever happens
                 logger.exception("worker: listing failed")

@@ -2,8 +2,16 @@
 
 Works with AWS S3 and the S3 gateways of SeaweedFS, MinIO and Ceph RGW (path-style addressing
 when ``config.path_style``). Every failure is raised as :class:`StorageError` naming the
-operation, the bucket and the key, ``from`` the botocore error; a missing object or bucket is
-the subclass :class:`ObjectNotFoundError`. Credentials are never logged nor put in a message.
+operation, the bucket and the key, ``from`` the botocore error; a missing object is the subclass
+:class:`ObjectNotFoundError`, a missing bucket :class:`BucketNotFoundError`. Credentials are
+never logged nor put in a message.
+
+What can heal and what cannot (:attr:`StorageError.permanent`): connection errors, timeouts,
+5xx answers and throttling are outages, worth retrying; wrong or missing credentials
+(``InvalidAccessKeyId``, ``SignatureDoesNotMatch``, no keys at all), ``AccessDenied``, a missing
+bucket and other 4xx refusals answer the same however often they are asked, so a service should
+stop and say why (:attr:`StorageError.hint` says where to look). :meth:`ObjectStore.probe` checks
+the credentials and the bucket at start (and creates the bucket when allowed).
 
 Idempotent writes: :meth:`ObjectStore.put_if_absent` sends ``If-None-Match: *`` (S3 conditional
 writes, AWS since 2024-08; SeaweedFS answers 412 on an existing key), so a redelivered frame
@@ -20,31 +28,110 @@ from typing import Any
 
 import boto3
 from botocore.config import Config
-from botocore.exceptions import BotoCoreError, ClientError
+from botocore.exceptions import (
+    BotoCoreError,
+    ClientError,
+    InvalidRegionError,
+    NoCredentialsError,
+    NoRegionError,
+    ParamValidationError,
+    PartialCredentialsError,
+)
 
 from common.config import S3Config
 
 logger = logging.getLogger(__name__)
 
-_NOT_FOUND = {"404", "NoSuchKey", "NoSuchBucket", "NotFound"}
+_NOT_FOUND = {"404", "NoSuchKey", "NotFound"}
+_BUCKET_MISSING = {"NoSuchBucket"}
 _PRECONDITION_FAILED = {"412", "PreconditionFailed"}
 _CONDITIONAL_CONFLICT = {"409", "ConditionalRequestConflict"}
+# Error codes (S3 API reference, "Error responses") that no retry heals, by what to check.
+_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
+                     "TokenRefreshRequired", "NotSignedUp", "InvalidSecurity", "MissingSecurityHeader"}
+_ACCESS_CODES = {"AccessDenied", "AllAccessDisabled", "AccountProblem", "InvalidObjectState",
+                 "403", "401"}
+_ENDPOINT_CODES = {"PermanentRedirect", "AuthorizationHeaderMalformed", "IllegalLocationConstraintException",
+                   "InvalidBucketName", "301"}
+# 4xx answers that can heal: a timeout, throttling, a concurrent write, a failed precondition.
+_RETRYABLE_4XX = {"RequestTimeout", "RequestTimeTooSkewed", "SlowDown", "Throttling",
+                  "ThrottlingException", "TooManyRequests", "RequestLimitExceeded",
+                  "OperationAborted", "408", "429"} | _CONDITIONAL_CONFLICT | _PRECONDITION_FAILED
+# botocore errors raised before any request is sent that no retry heals.
+_PERMANENT_BOTOCORE = (NoCredentialsError, PartialCredentialsError, ParamValidationError,
+                       NoRegionError, InvalidRegionError)
+PROBE_KEY = "frames/.framecap-probe"  # never written: :meth:`ObjectStore.probe` GETs it
 
 
 class StorageError(RuntimeError):
-    """An S3 operation that failed; ``op``, ``bucket`` and ``key`` say which and where."""
+    """An S3 operation that failed; ``op``, ``bucket`` and ``key`` say which and where.
 
-    def __init__(self, op: str, bucket: str, key: str | None, reason: str) -> None:
+    Attributes:
+        code: the S3 error code (``NoSuchBucket``, ``SignatureDoesNotMatch``, ``403`` for an
+            answer without a body) or the botocore error's class name; ``""`` if unknown.
+        permanent: True if asking again cannot help (credentials, access, a missing bucket,
+            another 4xx refusal); False for outages (connection errors, timeouts, 5xx,
+            throttling), which heal.
+    """
+
+    def __init__(
+        self,
+        op: str,
+        bucket: str,
+        key: str | None,
+        reason: str,
+        *,
+        code: str = "",
+        permanent: bool = False,
+    ) -> None:
         where = f"s3://{bucket}/{key}" if key is not None else f"s3://{bucket}"
         super().__init__(f"S3 {op} {where} failed: {reason}")
         self.op = op
         self.bucket = bucket
         self.key = key
         self.reason = reason
+        self.code = code
+        self.permanent = permanent
+
+    @property
+    def action(self) -> str:
+        """What was being done, in words: ``listing outbox/``, ``writing frames/...``."""
+        verb = {"list_objects_v2": "listing", "get_object": "reading", "head_object": "checking",
+                "delete_object": "deleting", "head_bucket": "checking the bucket",
+                "create_bucket": "creating the bucket", "probe": "checking access to the bucket"}
+        if self.op.startswith("put_object"):
+            return f"writing {self.key}"
+        doing = verb.get(self.op, self.op)
+        return doing if self.op in {"head_bucket", "create_bucket", "probe"} else f"{doing} {self.key}"
+
+    @property
+    def hint(self) -> str:
+        """Where to look, for a permanent error; ``""`` for an outage."""
+        if not self.permanent:
+            return ""
+        code = self.code
+        if code in _CREDENTIAL_CODES or code in {"NoCredentialsError", "PartialCredentialsError"}:
+            return ("the S3 credentials are wrong or missing: check s3.access_key_id and "
+                    "s3.secret_access_key ($FRAMECAP_S3_ACCESS_KEY_ID, "
+                    "$FRAMECAP_S3_SECRET_ACCESS_KEY)")
+        if code in _BUCKET_MISSING:
+            return (f"bucket {self.bucket} does not exist: create it, or set s3.create_bucket: true "
+                    "to let the service create it")
+        if code in _ACCESS_CODES:
+            return (f"this S3 identity may not do this on s3://{self.bucket}: check its policy "
+                    "(and that it is the identity meant for this service)")
+        if code in _ENDPOINT_CODES:
+            return "check s3.bucket, s3.region and s3.endpoint_url"
+        return "S3 refuses this request; asking again does not help"
 
 
 class ObjectNotFoundError(StorageError):
-    """The object (or its bucket) does not exist."""
+    """The object does not exist. (A HEAD answer carries no error code: a HEAD of an object in
+    a bucket that does not exist looks like this too.)"""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket does not exist (``NoSuchBucket``); permanent unless the caller creates it."""
 
 
 @dataclass(frozen=True)
@@ -66,6 +153,32 @@ def error_code(err: BaseException) -> str:
         status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
         return str(status or "")
     return ""
+
+
+def _status(err: BaseException) -> int | None:
+    if isinstance(err, ClientError):
+        status = err.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        return int(status) if status else None
+    return None
+
+
+def is_permanent(err: BaseException) -> bool:
+    """True if repeating the call that raised ``err`` (a botocore error) cannot succeed: wrong or
+    missing credentials, access denied, a missing bucket, any other 4xx but timeouts, throttling,
+    conflicts and failed preconditions. Connection errors, timeouts and 5xx are not permanent."""
+    if isinstance(err, _PERMANENT_BOTOCORE):
+        return True
+    if not isinstance(err, ClientError):
+        return False
+    code = error_code(err)
+    if code in _CREDENTIAL_CODES or code in _ACCESS_CODES or code in _BUCKET_MISSING:
+        return True
+    if code in _ENDPOINT_CODES:
+        return True
+    if code in _RETRYABLE_4XX or code in _NOT_FOUND:
+        return False
+    status = _status(err)
+    return status is not None and 400 <= status < 500
 
 
 def _reason(err: BaseException) -> str:
@@ -129,8 +242,47 @@ class ObjectStore:
         return f"ObjectStore(endpoint={self.config.endpoint_url!r}, bucket={self.bucket!r})"
 
     def _fail(self, op: str, key: str | None, err: BaseException) -> StorageError:
-        cls = ObjectNotFoundError if error_code(err) in _NOT_FOUND else StorageError
-        return cls(op, self.bucket, key, _reason(err))
+        code = error_code(err) or (type(err).__name__ if isinstance(err, BotoCoreError) else "")
+        cls: type[StorageError] = StorageError
+        if code in _BUCKET_MISSING or (op == "head_bucket" and code in _NOT_FOUND):
+            cls, code = BucketNotFoundError, "NoSuchBucket"
+        elif code in _NOT_FOUND:
+            cls = ObjectNotFoundError
+        return cls(op, self.bucket, key, _reason(err), code=code,
+                   permanent=cls is BucketNotFoundError or is_permanent(err))
+
+    def probe(self, *, create_bucket: bool = False, key: str = PROBE_KEY) -> bool:
+        """Check the credentials and the bucket, as a service does at start: GET ``key``, which
+        never exists (S3 then answers NoSuchKey, or why it would not serve us).
+
+        Returns True if this call created the bucket (missing, and ``create_bucket``).
+
+        ``AccessDenied`` on the probe is not an error: AWS answers it for a missing key to an
+        identity without ``s3:ListBucket``, which a writer need not have (logged at DEBUG; a
+        real refusal shows on the first write).
+
+        Raises:
+            StorageError: ``permanent`` (credentials, a missing bucket not created, another
+                refusal) or not (S3 does not answer: connection error, timeout, 5xx).
+        """
+        cause: Exception
+        try:
+            self.client.get_object(Bucket=self.bucket, Key=key)
+            return False  # someone wrote it; the bucket answers all the same
+        except ClientError as err:
+            code = error_code(err)
+            if code in _NOT_FOUND:
+                return False
+            if code == "AccessDenied":
+                logger.debug("s3://%s: probe answered AccessDenied (no s3:ListBucket?)", self.bucket)
+                return False
+            cause = err
+        except BotoCoreError as err:
+            cause = err
+        failure = self._fail("probe", None, cause)
+        if isinstance(failure, BucketNotFoundError) and create_bucket:
+            return self.ensure_bucket()
+        raise failure from cause
 
     def ensure_bucket(self) -> bool:
         """Create the bucket unless it exists. Returns True if this call created it.
@@ -142,7 +294,7 @@ class ObjectStore:
             self.client.head_bucket(Bucket=self.bucket)
             return False
         except ClientError as err:
-            if error_code(err) not in _NOT_FOUND:
+            if error_code(err) not in _NOT_FOUND | _BUCKET_MISSING:
                 raise self._fail("head_bucket", None, err) from err
         except BotoCoreError as err:
             raise self._fail("head_bucket", None, err) from err
@@ -222,7 +374,8 @@ class ObjectStore:
         """Read an object with its metadata.
 
         Raises:
-            ObjectNotFoundError: no such key (or bucket).
+            ObjectNotFoundError: no such key.
+            BucketNotFoundError: no such bucket.
             StorageError: any other failure, reading the body included.
         """
         try:
@@ -245,7 +398,7 @@ class ObjectStore:
         """An object's user metadata (``x-amz-meta-*``, names lower-cased), without its body.
 
         Raises:
-            ObjectNotFoundError: no such key (or bucket).
+            ObjectNotFoundError: no such key (also a missing bucket: a HEAD answer has no code).
             StorageError: any other failure.
         """
         try:

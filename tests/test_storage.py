@@ -6,12 +6,20 @@ import hashlib
 from datetime import datetime, timezone
 
 import pytest
+from botocore.exceptions import ClientError, EndpointConnectionError, NoCredentialsError
 from pydantic import SecretStr
 
 from common.config import S3Config
 from common.messages import FrameMetadata
 from common.stack import pick_port
-from common.storage import ObjectNotFoundError, ObjectStore, StorageError, make_s3_client
+from common.storage import (
+    BucketNotFoundError,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    is_permanent,
+    make_s3_client,
+)
 from common.topics import frame_key
 
 
@@ -67,8 +75,86 @@ def test_missing_objects_and_buckets(stack_ns) -> None:  # noqa: ANN001
     store.delete("frames/none.jpg")  # deleting what is absent is fine
 
     fresh = stack_ns.stack.storage(f"{stack_ns.bucket}-new")
+    with pytest.raises(BucketNotFoundError) as missing:  # not "object not found": the bucket
+        list(fresh.list_keys("frames/"))
+    assert missing.value.permanent and "s3.create_bucket" in missing.value.hint
+    with pytest.raises(BucketNotFoundError):
+        fresh.get("frames/none.jpg")
+    with pytest.raises(BucketNotFoundError):
+        fresh.probe()
     assert fresh.ensure_bucket() is True
     assert fresh.ensure_bucket() is False
+    assert fresh.probe() is False
+
+
+def test_probe_creates_a_missing_bucket_when_allowed(stack_ns) -> None:  # noqa: ANN001
+    store = stack_ns.stack.storage(f"{stack_ns.bucket}-probe")
+    assert store.probe(create_bucket=True) is True
+    assert store.probe(create_bucket=True) is False and store.ensure_bucket() is False
+
+
+@pytest.mark.parametrize(("field", "value", "code", "hint"), [
+    ("secret_access_key", "wrong-secret", "SignatureDoesNotMatch", "s3.secret_access_key"),
+    ("access_key_id", "NOSUCHKEY", "InvalidAccessKeyId", "s3.access_key_id"),
+])
+def test_wrong_credentials_are_permanent_and_named(stack_ns, field: str, value: str, code: str,  # noqa: ANN001
+                                                   hint: str) -> None:
+    config = stack_ns.s3_config().model_copy(update={field: SecretStr(value)})
+    store = ObjectStore(config, max_attempts=1)
+    for call in (store.probe, lambda: store.put_if_absent("frames/a/2026/01/01/b.jpg", b"x"),
+                 lambda: list(store.list_keys("outbox/"))):
+        with pytest.raises(StorageError) as info:
+            call()
+        assert info.value.permanent and info.value.code == code
+        assert hint in info.value.hint and value not in str(info.value)
+    with pytest.raises(StorageError) as head:  # a HEAD answer has no body: 403 alone
+        store.head_metadata("frames/a/2026/01/01/b.jpg")
+    assert head.value.permanent and head.value.code == "403"
+
+
+def test_missing_credentials_are_permanent(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:  # noqa: ANN001
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE",
+                 "FRAMECAP_S3_ACCESS_KEY_ID", "FRAMECAP_S3_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    store = ObjectStore(S3Config(endpoint_url=f"http://127.0.0.1:{pick_port()}", bucket="bkt"),
+                        max_attempts=1)
+    with pytest.raises(StorageError) as info:
+        store.probe()
+    assert info.value.permanent and info.value.code == "NoCredentialsError"
+    assert "$FRAMECAP_S3_ACCESS_KEY_ID" in info.value.hint
+
+
+def _client_error(code: str, status: int) -> ClientError:
+    return ClientError({"Error": {"Code": code, "Message": "m"},
+                        "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject")
+
+
+@pytest.mark.parametrize(("err", "permanent"), [
+    (_client_error("SlowDown", 503), False),
+    (_client_error("InternalError", 500), False),
+    (_client_error("ServiceUnavailable", 503), False),
+    (_client_error("RequestTimeout", 400), False),
+    (_client_error("TooManyRequests", 429), False),
+    (_client_error("PreconditionFailed", 412), False),
+    (EndpointConnectionError(endpoint_url="http://x"), False),
+    (_client_error("AccessDenied", 403), True),
+    (_client_error("InvalidAccessKeyId", 403), True),
+    (_client_error("NoSuchBucket", 404), True),
+    (_client_error("PermanentRedirect", 301), True),
+    (_client_error("InvalidArgument", 400), True),
+    (NoCredentialsError(), True),
+])
+def test_what_can_heal_and_what_cannot(err: Exception, permanent: bool) -> None:
+    assert is_permanent(err) is permanent
+
+
+def test_errors_say_what_was_being_done() -> None:
+    assert StorageError("list_objects_v2", "b", "outbox/", "x").action == "listing outbox/"
+    assert StorageError("put_object(If-None-Match)", "b", "frames/k", "x").action == "writing frames/k"
+    assert StorageError("head_bucket", "b", None, "x").action == "checking the bucket"
 
 
 def test_unreachable_endpoint_raises_storage_error_without_secrets() -> None:
@@ -80,6 +166,7 @@ def test_unreachable_endpoint_raises_storage_error_without_secrets() -> None:
     assert "s3://framecap/frames/a/2026/01/01/b.jpg" in str(info.value)
     assert "s3cr3t-value" not in str(info.value) and "s3cr3t-value" not in repr(store)
     assert info.value.__cause__ is not None
+    assert not info.value.permanent  # an outage: worth retrying
 
 
 def test_client_uses_the_configured_region_and_path_style() -> None:

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 
 from common.messages import FrameMetadata
-from common.storage import ObjectNotFoundError, StorageError, StoredObject
+from common.storage import BucketNotFoundError, ObjectNotFoundError, StorageError, StoredObject
 
 IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k" / "images"
 CAPTURED_AT = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
@@ -48,21 +48,36 @@ def metadata_for(
 
 
 class FakeStore:
-    """An in-memory ObjectStore; ``fail_next`` calls raise StorageError (an outage)."""
+    """An in-memory ObjectStore; ``fail_next`` calls raise StorageError (an outage), or
+    ``fail_with`` when set (e.g. a permanent error); ``bucket_exists=False`` makes every call
+    raise BucketNotFoundError until :meth:`ensure_bucket`."""
 
     def __init__(self) -> None:
         self.objects: dict[str, tuple[bytes, dict[str, str], str]] = {}
         self.bucket = "fake"
         self.fail_next = 0
+        self.fail_with: StorageError | None = None
+        self.bucket_exists = True
+        self.buckets_created = 0
         self.calls: list[tuple[str, str]] = []
         self._lock = threading.Lock()
 
     def _maybe_fail(self, op: str, key: str) -> None:
         with self._lock:
             self.calls.append((op, key))
+            if not self.bucket_exists:
+                raise BucketNotFoundError(op, "fake", key, "NoSuchBucket", code="NoSuchBucket",
+                                          permanent=True)
             if self.fail_next > 0:
                 self.fail_next -= 1
-                raise StorageError(op, "fake", key, "fake outage")
+                raise self.fail_with or StorageError(op, "fake", key, "fake outage")
+
+    def ensure_bucket(self) -> bool:
+        with self._lock:
+            self.calls.append(("ensure_bucket", ""))
+            created, self.bucket_exists = not self.bucket_exists, True
+            self.buckets_created += created
+            return created
 
     def put_if_absent(
         self,
