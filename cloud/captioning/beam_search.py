@@ -7,7 +7,7 @@ candidates are kept, those ending in ``<end>`` are complete and leave the beam (
 that image shrinks), and decoding stops when no hypothesis is live or at ``max_len`` words.
 The caption is the complete hypothesis with the best score (summed log-probability, divided
 by ``length**length_penalty`` when ``length_penalty > 0``). An image's result does not depend
-on the other images in the batch; ``tests/captioning/test_beam_search.py`` checks that.
+on the other images in the batch; ``tests/captioning/test_overfit_and_beam.py`` checks that.
 
 Beam size 1 is greedy decoding. ``no_repeat_ngram_size=N`` forbids a word that would repeat
 an n-gram of N words already in the hypothesis (as ``no_repeat_ngram_size`` in Hugging Face
@@ -43,19 +43,29 @@ def _ranking(h: Hypothesis, length_penalty: float) -> float:
     return h.score / float(len(h.tokens) + 1) ** length_penalty
 
 
+def _repeat_ban_index(seqs: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows and words that would repeat an n-gram of ``size`` words in ``seqs`` (rows, t).
+
+    ``seqs`` starts with <start> (not part of any n-gram). Vectorised: every window of ``size``
+    words whose first ``size - 1`` equal the hypothesis' last ``size - 1`` words bans its last
+    word. Returns (rows, words) LongTensors, ordered by row, then by window position.
+    """
+    words = seqs[:, 1:]  # (rows, t) without <start>
+    t = words.size(1)
+    if size < 1 or t - size + 1 <= 0:
+        empty = seqs.new_zeros(0)
+        return empty, empty
+    windows = words.unfold(1, size, 1)  # (rows, t - size + 1, size)
+    prefix = words[:, t - size + 1:]  # (rows, size - 1)
+    match = (windows[:, :, :size - 1] == prefix[:, None, :]).all(dim=2)  # (rows, t - size + 1)
+    rows, position = match.nonzero(as_tuple=True)  # (bans,) each
+    return rows, windows[rows, position, size - 1]
+
+
 def _repeat_bans(seqs: torch.Tensor, size: int) -> list[tuple[int, int]]:
     """(row, word) pairs that would repeat an n-gram of ``size`` words in ``seqs`` (rows, t)."""
-    if size < 1 or seqs.size(1) < size:
-        return []
-    bans = []
-    for row, seq in enumerate(seqs[:, 1:].tolist()):  # without <start>
-        if len(seq) < size - 1:
-            continue
-        prefix = tuple(seq[len(seq) - size + 1:]) if size > 1 else ()
-        for i in range(len(seq) - size + 1):
-            if tuple(seq[i:i + size - 1]) == prefix:
-                bans.append((row, seq[i + size - 1]))
-    return bans
+    rows, words = _repeat_ban_index(seqs, size)
+    return list(zip(rows.tolist(), words.tolist(), strict=True))
 
 
 @torch.inference_mode()
@@ -64,6 +74,11 @@ def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_m
                 return_alphas: bool = False, allow_unk: bool = False,
                 no_repeat_ngram_size: int = 0) -> list[Hypothesis]:
     """Decode a batch of images with beam search.
+
+    The image features and their attention projection are kept once per image and read by
+    all of its beams (``DecoderWithAttention.step_beams``); only h, c and the word history are
+    per hypothesis. An image whose hypotheses have all ended leaves the batch, so a long
+    caption does not keep the whole batch decoding.
 
     Args:
         decoder: the decoder (put in eval mode by the caller).
@@ -87,43 +102,58 @@ def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_m
     vocab_size = decoder.args.vocab_size
     banned = [word_map.pad, word_map.start] + ([] if allow_unk else [word_map.unk])
     state = decoder.init_state(encoder_out)
-    state = state.select(torch.arange(n, device=device).repeat_interleave(k))  # (n*k, ...)
+    features, att1 = state.features, state.att1  # (n, num_pixels, feature_dim), (n, num_pixels, attention_dim)
+    h = state.h.repeat_interleave(k, dim=0)  # (n*k, decoder_dim)
+    c = state.c.repeat_interleave(k, dim=0)  # (n*k, decoder_dim)
+    work = att1.new_empty(n * k * att1.size(1) * att1.size(2))  # attention scratch, reused every step
     seqs = torch.full((n * k, 1), word_map.start, dtype=torch.long, device=device)  # (n*k, 1)
     scores = torch.full((n, k), float("-inf"), device=device)  # (n, k)
     scores[:, 0] = 0.0  # one live hypothesis per image at first, so beams do not repeat
     live = torch.ones(n, dtype=torch.long, device=device) * k  # (n,) live hypotheses per image
-    history = seqs.new_zeros(n * k, 0, state.features.size(1), dtype=torch.float) if return_alphas else None
+    history = seqs.new_zeros(n * k, 0, features.size(1), dtype=torch.float) if return_alphas else None
+    images = list(range(n))  # the input index of each image still decoding
     complete: list[list[Hypothesis]] = [[] for _ in range(n)]
     rank = torch.arange(k, device=device)[None]  # (1, k)
     base = (torch.arange(n, device=device) * k)[:, None]  # (n, 1)
     for step in range(1, max_len + 2):  # max_len words, then a last chance for <end>
-        embedded = decoder.embedding(seqs[:, -1])  # (n*k, embed_dim)
-        state, alpha = decoder.step(embedded, state)  # alpha (n*k, num_pixels)
-        logp = F.log_softmax(decoder.fc(state.h), dim=1)  # (n*k, vocab_size)
+        m = len(images)  # images still decoding
+        embedded = decoder.embedding(seqs[:, -1])  # (m*k, embed_dim)
+        h, c, alpha = decoder.step_beams(embedded, features, att1, h, c, work)  # alpha (m*k, num_pixels)
+        logp = F.log_softmax(decoder.fc(h), dim=1)  # (m*k, vocab_size)
         logp[:, banned] = float("-inf")
-        for row, word in _repeat_bans(seqs, no_repeat_ngram_size):
-            logp[row, word] = float("-inf")
+        if no_repeat_ngram_size > 0:
+            ban_rows, ban_words = _repeat_ban_index(seqs, no_repeat_ngram_size)
+            logp[ban_rows, ban_words] = float("-inf")
         if step == max_len + 1:  # only <end> may follow the last word
             end_logp = logp[:, word_map.end].clone()
             logp.fill_(float("-inf"))
             logp[:, word_map.end] = end_logp
-        candidates = (scores.view(-1, 1) + logp).view(n, k * vocab_size)  # (n, k*vocab_size)
-        top_scores, top_index = candidates.topk(k, dim=1)  # (n, k)
-        beam = torch.div(top_index, vocab_size, rounding_mode="floor")  # (n, k)
-        words = top_index % vocab_size  # (n, k)
-        keep = (rank < live[:, None]) & torch.isfinite(top_scores)  # (n, k)
-        ended = keep & (words == word_map.end)  # (n, k)
-        source = (base + beam).view(-1)  # (n*k,)
-        seqs = torch.cat([seqs[source], words.view(-1, 1)], dim=1)  # (n*k, step+1)
-        state = state.select(source)
+        candidates = (scores.view(-1, 1) + logp).view(m, k * vocab_size)  # (m, k*vocab_size)
+        top_scores, top_index = candidates.topk(k, dim=1)  # (m, k)
+        beam = torch.div(top_index, vocab_size, rounding_mode="floor")  # (m, k)
+        words = top_index % vocab_size  # (m, k)
+        keep = (rank < live[:, None]) & torch.isfinite(top_scores)  # (m, k)
+        ended = keep & (words == word_map.end)  # (m, k)
+        source = (base[:m] + beam).view(-1)  # (m*k,)
+        seqs = torch.cat([seqs[source], words.view(-1, 1)], dim=1)  # (m*k, step+1)
+        h, c = h[source], c[source]  # (m*k, decoder_dim) each
         if history is not None:
-            history = torch.cat([history[source], alpha[source].unsqueeze(1)], dim=1)  # (n*k, step, num_pixels)
+            history = torch.cat([history[source], alpha[source].unsqueeze(1)], dim=1)  # (m*k, step, num_pixels)
         for i, j in ended.nonzero().tolist():
             row = i * k + j
-            complete[i].append(Hypothesis(seqs[row, 1:-1].tolist(), float(top_scores[i, j]),
-                                          history[row].clone() if history is not None else None))
-        live = live - ended.sum(dim=1)  # (n,)
-        scores = top_scores.masked_fill(~keep | ended, float("-inf"))  # (n, k)
-        if int(live.max()) == 0:
+            complete[images[i]].append(Hypothesis(seqs[row, 1:-1].tolist(), float(top_scores[i, j]),
+                                                  history[row].clone() if history is not None else None))
+        live = live - ended.sum(dim=1)  # (m,)
+        scores = top_scores.masked_fill(~keep | ended, float("-inf"))  # (m, k)
+        decoding = live > 0  # (m,)
+        if not bool(decoding.any()):
             break
-    return [max(c, key=lambda h: _ranking(h, length_penalty)) for c in complete]
+        if not bool(decoding.all()):  # images whose hypotheses have all ended leave the batch
+            kept = decoding.nonzero().squeeze(1)  # (m',)
+            rows = (kept[:, None] * k + rank).view(-1)  # (m'*k,)
+            features, att1, scores, live = features[kept], att1[kept], scores[kept], live[kept]
+            h, c, seqs = h[rows], c[rows], seqs[rows]
+            if history is not None:
+                history = history[rows]
+            images = [images[i] for i in kept.tolist()]
+    return [max(found, key=lambda hyp: _ranking(hyp, length_penalty)) for found in complete]

@@ -205,6 +205,36 @@ class Attention(nn.Module):
         awe = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (batch, feature_dim)
         return awe, alpha
 
+    def forward_beams(self, features: torch.Tensor, att1: torch.Tensor, decoder_hidden: torch.Tensor,
+                      work: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``forward`` for several hypotheses (beams) of each image, reading the image's features once.
+
+        Args:
+            features: (batch, num_pixels, feature_dim), one row per image.
+            att1: (batch, num_pixels, attention_dim), one row per image.
+            decoder_hidden: (batch, beams, decoder_dim).
+            work: optional scratch space of at least batch * beams * num_pixels * attention_dim
+                floats, reused across calls so a beam search does not allocate (and page in) the
+                largest intermediate at every step.
+
+        Returns:
+            awe (batch, beams, feature_dim) and alpha (batch, beams, num_pixels); the same
+            values as ``forward`` on the features repeated per beam.
+        """
+        batch, beams = decoder_hidden.shape[:2]
+        num_pixels, attention_dim = att1.shape[1:]
+        att2 = self.decoder_att(decoder_hidden)  # (batch, beams, attention_dim)
+        shape = (batch, beams, num_pixels, attention_dim)
+        if work is None:
+            hidden = att1.unsqueeze(1) + att2.unsqueeze(2)  # (batch, beams, num_pixels, attention_dim)
+        else:
+            hidden = work[:batch * beams * num_pixels * attention_dim].view(shape)
+            torch.add(att1.unsqueeze(1), att2.unsqueeze(2), out=hidden)  # (batch, beams, num_pixels, attention_dim)
+        att = self.full_att(hidden.relu_()).squeeze(3)  # (batch, beams, num_pixels)
+        alpha = F.softmax(att, dim=2)  # (batch, beams, num_pixels)
+        awe = torch.bmm(alpha, features)  # (batch, beams, feature_dim)
+        return awe, alpha
+
 
 @dataclass
 class DecoderState:
@@ -260,6 +290,29 @@ class DecoderWithAttention(nn.Module):
         awe = gate * awe  # (batch, feature_dim)
         h, c = self.decode_step(torch.cat([embedded, awe], dim=1), (state.h, state.c))  # (batch, decoder_dim) x2
         return DecoderState(state.features, state.att1, h, c), alpha
+
+    def step_beams(self, embedded: torch.Tensor, features: torch.Tensor, att1: torch.Tensor, h: torch.Tensor,
+                   c: torch.Tensor, work: torch.Tensor | None = None
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``step`` for ``beams`` hypotheses per image, the image's features stored once.
+
+        Args:
+            embedded: (batch * beams, embed_dim), the hypotheses of image i in rows i*beams...
+            features, att1: (batch, num_pixels, feature_dim / attention_dim), one row per image.
+            h, c: (batch * beams, decoder_dim).
+            work: scratch space for the attention (see ``Attention.forward_beams``).
+
+        Returns:
+            h, c (batch * beams, decoder_dim) and alpha (batch * beams, num_pixels).
+        """
+        batch = features.size(0)
+        beams = h.size(0) // batch
+        awe, alpha = self.attention.forward_beams(features, att1, h.view(batch, beams, -1), work)
+        awe = awe.reshape(batch * beams, -1)  # (batch * beams, feature_dim)
+        gate = torch.sigmoid(self.f_beta(h))  # (batch * beams, feature_dim)
+        awe = gate * awe  # (batch * beams, feature_dim)
+        h, c = self.decode_step(torch.cat([embedded, awe], dim=1), (h, c))  # (batch * beams, decoder_dim) x2
+        return h, c, alpha.reshape(batch * beams, -1)
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """(..., decoder_dim) -> (..., vocab_size) scores."""
