@@ -15,6 +15,15 @@ Delivery (at least once; the ingest's idempotent S3 key makes it exactly once in
 - frames not acked are resent after every reconnect (the broker may have lost what it had
   PUBACKed, e.g. killed with SIGKILL) and ``resend_after_s`` after their last send; frames
   found in the spool at start (a restart) are sent first;
+- after a reconnect, frames are resent sooner: a frame sent then and not acked within
+  ``reconnect_grace_s`` is sent again, then after twice that, and so on up to
+  ``resend_after_s``, until the first ack of a frame sent after the reconnect comes. A
+  restarted broker may PUBACK frames before the ingest has subscribed again (mosquitto does
+  not restore shared subscriptions) and drop them; they must not wait a whole resend period;
+- a frame the broker PUBACKed whose ack has not come ``overtaken_grace_s`` after a frame sent
+  later was acked is sent again: it was most likely lost with an ingest replica that died
+  (its clean session goes with it) or sent while no ingest was subscribed. A resend is
+  harmless: the ingest stores a frame once and acks it again;
 - a publish the broker refuses (MQTT v5 PUBACK reason code >= 0x80, e.g. 135 "not authorized"
   when the ACL denies this user the frames topic) was not delivered: the frame stays in the
   spool, is counted (:attr:`PublisherStats.refused`) and is sent again ``resend_after_s`` after
@@ -52,6 +61,8 @@ from edge.spool import FrameSpool
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # worker thread wake-up period, seconds
+RECONNECT_GRACE_S = 2.0  # after a reconnect, the first resend of a frame not acked, seconds
+OVERTAKEN_GRACE_S = 2.0  # resend a frame this long after a later frame was acked, seconds
 CAPTION_RETRY_MIN_S = 1.0  # first retry of a caption whose JSONL append failed, seconds
 CAPTION_RETRY_MAX_S = 30.0  # longest wait between such retries, seconds
 RECENT_CAPTIONS = 10_000  # frame_ids remembered to drop a caption delivered twice
@@ -80,8 +91,12 @@ class _InFlight:
     mid: int
     sent_at: float  # time.monotonic() of the last publish
     attempts: int
+    wait_s: float  # resend if no ack this long after sent_at, seconds
+    order: int = 0  # publish order of the last send (larger: sent later)
+    fast: int = 0  # sends since the last reconnect while it lasted (wait_s doubles each)
     puback: bool = False  # the broker has accepted the last publish
     refused: bool = False  # the broker refused the last publish (resent after resend_after_s)
+    overtaken_at: float | None = None  # when a frame sent after this one was acked
 
 
 def format_caption(record: CaptionRecord) -> str:
@@ -100,6 +115,10 @@ class FramePublisher:
         spool: where the frames wait; the publisher removes acked frames from it.
         resend_after_s: resend a frame not acked within this many seconds.
         max_in_flight: most frames published and not yet acked.
+        reconnect_grace_s: after a reconnect, resend a frame not acked within this many
+            seconds (doubling per resend, up to ``resend_after_s``) until acks flow again.
+        overtaken_grace_s: resend a frame the broker accepted this many seconds after a frame
+            sent later was acked.
         captions_jsonl: append each caption received to this file (one JSON object a line).
         on_caption: called with each decoded :class:`CaptionRecord` (on the worker thread).
         print_captions: print ``HH:MM:SS frame_id caption`` to stdout for each caption.
@@ -115,6 +134,8 @@ class FramePublisher:
         *,
         resend_after_s: float = 30.0,
         max_in_flight: int = 50,
+        reconnect_grace_s: float = RECONNECT_GRACE_S,
+        overtaken_grace_s: float = OVERTAKEN_GRACE_S,
         captions_jsonl: Path | None = None,
         on_caption: Callable[[CaptionRecord], None] | None = None,
         print_captions: bool = True,
@@ -129,6 +150,10 @@ class FramePublisher:
         self.topics = Topics(mqtt_config.topic_prefix)
         self.resend_after_s = resend_after_s
         self.max_in_flight = max_in_flight
+        self.reconnect_grace_s = min(reconnect_grace_s, resend_after_s)
+        self.overtaken_grace_s = overtaken_grace_s
+        self._order = 0  # publishes so far (the order of the last one)
+        self._reconnected_at_order: int | None = None  # from a reconnect to the first ack after
         self.captions_jsonl = captions_jsonl
         self.on_caption = on_caption
         self.print_captions = print_captions
@@ -263,20 +288,28 @@ class FramePublisher:
 
     def _resend_after_reconnect(self) -> None:
         """Resend frames the broker had PUBACKed (it may have lost them); paho resends those
-        not yet answered; refused frames keep their resend time."""
+        not yet answered; refused frames keep their resend time. Until a frame sent from now
+        on is acked, frames are resent after ``reconnect_grace_s`` (doubling)."""
+        self._reconnected_at_order = self._order
         for frame_id, item in list(self._in_flight.items()):
             if item.puback:
                 self._publish(frame_id, reason="reconnect")
-            elif not item.refused:
-                item.sent_at = time.monotonic()
+            elif not item.refused:  # paho sends it again: counts as a send after the reconnect
+                self._order += 1
+                item.sent_at, item.order, item.overtaken_at = time.monotonic(), self._order, None
+                item.fast, item.wait_s = 1, self.reconnect_grace_s
 
     def _resend_overdue(self) -> None:
         now = time.monotonic()
         for frame_id, item in list(self._in_flight.items()):
             if frame_id not in self.spool:
                 self._forget(frame_id)  # dropped from a full spool, or quarantined
-            elif now - item.sent_at >= self.resend_after_s:
-                self._publish(frame_id, reason=f"no ack in {self.resend_after_s:g} s")
+            elif now - item.sent_at >= item.wait_s:
+                self._publish(frame_id, reason=f"no ack in {item.wait_s:g} s"
+                              + (" after a reconnect" if item.fast else ""))
+            elif item.overtaken_at is not None and now - item.overtaken_at >= self.overtaken_grace_s:
+                self._publish(frame_id, reason=f"no ack {self.overtaken_grace_s:g} s after a "
+                                               "frame sent later was acked")
 
     def _fill_window(self) -> None:
         free = self.max_in_flight - len(self._in_flight)
@@ -315,7 +348,14 @@ class FramePublisher:
         if old is not None:
             self._mids.pop(old.mid, None)
         attempts = old.attempts + 1 if old else 1
-        self._in_flight[frame_id] = _InFlight(info.mid, time.monotonic(), attempts)
+        self._order += 1
+        fast = 0
+        wait_s = self.resend_after_s
+        if self._reconnected_at_order is not None:  # since a reconnect, no ack yet: resend soon
+            fast = (old.fast if old else 0) + 1
+            wait_s = min(self.resend_after_s, self.reconnect_grace_s * 2 ** (fast - 1))
+        self._in_flight[frame_id] = _InFlight(info.mid, time.monotonic(), attempts, wait_s,
+                                              order=self._order, fast=fast)
         self._mids[info.mid] = frame_id
         if old is None and reason is None:
             self.stats.published += 1
@@ -356,6 +396,7 @@ class FramePublisher:
             logger.warning("%s: frame %s: ack for another device %r ignored",
                            self.device_id, ack.frame_id, ack.device_id)
             return
+        self._acked_in_order(ack.frame_id)
         self._forget(ack.frame_id)
         if self.spool.remove(ack.frame_id):
             self.stats.acked += 1
@@ -369,6 +410,21 @@ class FramePublisher:
             self.stats.acks_unknown += 1
             logger.info("%s: frame %s: ack for a frame not in the spool (duplicate or dropped)",
                         self.device_id, ack.frame_id)
+
+    def _acked_in_order(self, frame_id: str) -> None:
+        """An ack for ``frame_id`` came: frames sent before it, accepted by the broker and
+        still not acked, are overtaken (resent ``overtaken_grace_s`` from now if still not
+        acked); an ack of a frame sent after the last reconnect ends the fast resends."""
+        acked = self._in_flight.get(frame_id)
+        if acked is None:
+            return
+        if self._reconnected_at_order is not None and acked.order > self._reconnected_at_order:
+            self._reconnected_at_order = None
+        now = time.monotonic()
+        for other_id, item in self._in_flight.items():
+            if (other_id != frame_id and item.order < acked.order and item.puback
+                    and item.overtaken_at is None):
+                item.overtaken_at = now
 
     def _handle_caption(self, payload: bytes, mid: int | None = None, qos: int = 0) -> None:
         """Write (JSONL, print, hook) a received caption, then acknowledge it to the broker."""

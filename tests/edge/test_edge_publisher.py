@@ -57,3 +57,90 @@ def test_captions_are_printed_written_and_bad_ones_counted(publisher: FramePubli
 def test_format_caption_of_an_error_record() -> None:
     record = _caption(caption="").model_copy(update={"error": "not an image"})
     assert format_caption(record) == "12:34:56 f1 [no caption: not an image]"
+
+
+class _FakeClient:
+    """Stands in for MqttClient: records publishes, always connected."""
+
+    is_connected = True
+
+    def __init__(self) -> None:
+        self.sent: list[int] = []
+
+    def publish(self, topic: str, payload: bytes | str, **_: object) -> object:
+        self.sent.append(len(self.sent) + 1)
+        return type("Info", (), {"rc": 0, "mid": self.sent[-1]})()
+
+    def ack(self, mid: int, qos: int) -> None:
+        pass
+
+
+def _streaming(publisher: FramePublisher, frames: int = 1) -> _FakeClient:
+    """Spool ``frames - 1`` more frames, publish them all and let the broker PUBACK each."""
+    for i in range(2, frames + 1):
+        jpeg = f"jpeg{i}".encode()
+        publisher.spool.put(FrameMetadata(device_id="cam-1", frame_id=f"f{i}", captured_at=T,
+                                          seq=publisher.spool.allocate_seq(), width=2, height=2,
+                                          sha256=hashlib.sha256(jpeg).hexdigest()), jpeg)
+    client = _FakeClient()
+    publisher.client = client  # type: ignore[assignment]
+    publisher._fill_window()
+    for mid in list(client.sent):
+        publisher._dispatch("puback", mid)
+    return client
+
+
+def _age(publisher: FramePublisher, frame_id: str, seconds: float) -> None:
+    item = publisher._in_flight[frame_id]
+    item.sent_at -= seconds
+    if item.overtaken_at is not None:
+        item.overtaken_at -= seconds
+
+
+def test_frames_are_resent_after_resend_after_s_when_nothing_happened(
+        publisher: FramePublisher) -> None:
+    client = _streaming(publisher)
+    _age(publisher, "f1", 29.0)
+    publisher._resend_overdue()
+    assert len(client.sent) == 1
+    _age(publisher, "f1", 1.0)
+    publisher._resend_overdue()
+    assert len(client.sent) == 2 and publisher.stats.resent == 1
+
+
+def test_after_a_reconnect_unacked_frames_are_resent_within_a_short_grace(
+        publisher: FramePublisher) -> None:
+    """A restarted broker PUBACKs the frames the edge sends before the ingest subscribed again,
+    and drops them: they are sent again after reconnect_grace_s (doubling), not 30 s later."""
+    client = _streaming(publisher)
+    publisher._dispatch("connected", False)
+    assert len(client.sent) == 2  # the PUBACKed frame is resent at once
+    publisher._dispatch("puback", 2)  # ... and PUBACKed (and dropped: no ingest yet)
+    grace = publisher.reconnect_grace_s
+    assert grace < publisher.resend_after_s
+    _age(publisher, "f1", grace)
+    publisher._resend_overdue()
+    assert len(client.sent) == 3
+    _age(publisher, "f1", grace)  # the next wait is twice as long
+    publisher._resend_overdue()
+    assert len(client.sent) == 3
+    _age(publisher, "f1", grace)
+    publisher._resend_overdue()
+    assert len(client.sent) == 4
+    # The ingest is back: an ack of a frame sent since the reconnect ends the fast resends.
+    publisher._handle_ack(FrameAck(device_id="cam-1", frame_id="f1", key="k").to_json())
+    assert publisher._reconnected_at_order is None and len(publisher.spool) == 0
+
+
+def test_a_frame_overtaken_by_a_later_ack_is_resent_soon(publisher: FramePublisher) -> None:
+    """f1 went to an ingest replica that died (its clean session, and f1, are gone); f2 and f3
+    were acked by another: f1 is resent overtaken_grace_s later, not resend_after_s."""
+    client = _streaming(publisher, frames=3)
+    assert len(client.sent) == 3
+    publisher._handle_ack(FrameAck(device_id="cam-1", frame_id="f2", key="k").to_json())
+    publisher._resend_overdue()
+    assert len(client.sent) == 3  # not at once: a slower replica may still ack it
+    _age(publisher, "f1", publisher.overtaken_grace_s)
+    publisher._resend_overdue()
+    assert len(client.sent) == 4 and publisher._in_flight["f1"].overtaken_at is None
+    assert "f3" in publisher._in_flight and publisher._in_flight["f3"].attempts == 1
