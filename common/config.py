@@ -255,6 +255,17 @@ class WorkerConfig(Section):
     beam_size: int = Field(default=3, ge=1, le=20, description="Beam width of the caption search.")
     max_caption_length: int = Field(default=30, ge=2, le=100, description="Longest caption, words.")
     batch_size: int = Field(default=8, ge=1, le=256, description="Most frames per model batch.")
+    threads: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description=(
+            "CPU threads for the model: a batch is split into this many chunks captioned in parallel, "
+            "each torch op on one thread. 1 leaves the other cores to ingest, the broker and S3 on a "
+            "shared machine and cannot collapse under contention as torch's default team of threads "
+            "does; on a machine of its own set the number of cores."
+        ),
+    )
     max_wait_s: float = Field(default=0.5, ge=0, description="Longest wait to fill a batch, seconds.")
     list_interval_s: float = Field(default=30.0, gt=0, description="How often to list frames/ to catch up, seconds.")
     max_frame_bytes: int = Field(default=16 << 20, ge=1024, description="Objects under frames/ larger than this get an error record, bytes.")
