@@ -92,6 +92,7 @@ def load_captioner(config: WorkerConfig) -> CaptionerLike:
         device=config.device,
         beam_size=config.beam_size,
         max_caption_length=config.max_caption_length,
+        threads=config.threads,
     )
 
 
