@@ -4,6 +4,10 @@
 writes DIR/<image stem>.png: the image once per word with that word's attention map over it
 (as the sgrvinod tutorial's ``visualize_att``). A missing file or a non-image is reported on
 stderr naming the file; the others are still captioned and the exit code is 1.
+
+Images are read as they are captioned (``--batch-size`` at a time per thread, ``--threads``
+threads), so memory does not grow with the number of files, and each line is printed as soon
+as its chunk is done, in the order the files were given.
 """
 
 from __future__ import annotations
@@ -19,8 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from cloud.captioning.images import ImageLoadError, load_image
-from cloud.captioning.inference import Captioner
+from cloud.captioning.images import load_image
+from cloud.captioning.inference import Captioner, default_threads
 
 logger = logging.getLogger(__name__)
 
@@ -32,6 +36,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam-size", type=int, default=3)
     p.add_argument("--max-caption-length", type=int, default=30)
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None,
+                   help="images captioned in parallel, each on one CPU thread "
+                        f"(default: the CPUs this process may use, at most 4; here {default_threads()})")
+    p.add_argument("--batch-size", type=int, default=32, help="images per beam search (default 32)")
     p.add_argument("--json", action="store_true", help='one JSON line per image: {"image","caption","score"}')
     p.add_argument("--attention-dir", type=Path, default=None, help="write a PNG of each word's attention here")
     return p
@@ -70,29 +78,33 @@ def save_attention_png(path: Path, image: np.ndarray, words: list[str], alphas: 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.threads is not None and args.threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {args.threads}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     captioner = Captioner.load(args.model, device=args.device, beam_size=args.beam_size,
-                               max_caption_length=args.max_caption_length)
-    failed = 0
-    loaded: list[tuple[Path, np.ndarray]] = []
-    for path in args.images:
-        try:
-            loaded.append((path, load_image(path)))
-        except ImageLoadError as err:
-            print(f"framecap caption: {err}", file=sys.stderr)
-            failed += 1
-    hypotheses = captioner.hypotheses([im for _, im in loaded], return_alphas=args.attention_dir is not None)
-    if args.attention_dir:
+                               max_caption_length=args.max_caption_length,
+                               threads=args.threads or default_threads())
+    captioner.batch_size = args.batch_size
+    attention = args.attention_dir is not None
+    if attention:
         args.attention_dir.mkdir(parents=True, exist_ok=True)
-    for (path, image), hyp in zip(loaded, hypotheses, strict=True):
+    failed = 0
+    for result in captioner.caption_stream(args.images, load_image, return_alphas=attention, keep_images=attention):
+        path, hyp = result.item, result.hypothesis
+        if hyp is None:
+            print(f"framecap caption: {result.error}", file=sys.stderr)
+            failed += 1
+            continue
         words = captioner.word_map.decode(hyp.tokens)
         caption = " ".join(words)
         if args.json:
-            print(json.dumps({"image": str(path), "caption": caption, "score": round(hyp.score, 4)}))
+            print(json.dumps({"image": str(path), "caption": caption, "score": round(hyp.score, 4)}), flush=True)
         else:
-            print(f"{path}\t{caption}\t{hyp.score:.3f}")
-        if args.attention_dir and hyp.alphas is not None:
+            print(f"{path}\t{caption}\t{hyp.score:.3f}", flush=True)
+        if attention and hyp.alphas is not None and result.image is not None:
             out = args.attention_dir / f"{path.stem}.png"
-            save_attention_png(out, image, words, hyp.alphas, captioner.model_args.encoded_image_size)
+            save_attention_png(out, result.image, words, hyp.alphas, captioner.model_args.encoded_image_size)
             logger.info("wrote %s", out)
     return 1 if failed else 0
 

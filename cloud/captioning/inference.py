@@ -3,14 +3,37 @@
 A ``Captioner`` holds a frozen encoder, a decoder and its word map, rebuilt from a checkpoint
 (``cloud/models/default.pt`` unless told otherwise), and captions RGB uint8 images of any size
 with the batched beam search (Xu et al. 2015; sgrvinod's tutorial ``caption.py``).
+
+How it is fast on a CPU (docs/performance.md has the measurements):
+
+* The encoder runs in micro-batches of ``encode_batch`` (4) images while the beam search
+  decodes ``batch_size`` (32) at once. A batch of 32 through the encoder has activations of
+  tens of MB that glibc maps fresh from the kernel (and unmaps) at every layer, about 1.3 M
+  minor page faults per 64 images, which made batch 32 half as fast as batch 1; micro-batches
+  stay under glibc's mmap threshold, so their memory is reused.
+* On the CPU the encoder runs in channels_last memory format (about 25% faster with
+  EfficientNet-Lite; its outputs were bitwise equal to the default format on the images we
+  checked, and ``tests/captioning/test_throughput.py`` checks that they still are).
+* ``threads`` (``framecap caption --threads``, ``WorkerConfig.threads``) is how many images are
+  captioned in parallel: chunks of images go through load, encoder and beam search on that many
+  Python threads, each torch op on one thread (torch's intra-op threads are set to 1). Torch's
+  default (one OpenMP team of all cores per op) spins at a barrier after every op and collapsed
+  7-30x on a busy 2-core machine; independent single-threaded chunks slow down only in
+  proportion to the CPU they get. ``threads=None`` leaves torch's threads alone and captions on
+  the calling thread (the web server's one-image attention requests).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+import os
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -23,7 +46,38 @@ logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PATH: Path = Path(__file__).resolve().parents[1] / "models" / "default.pt"
 
-__all__ = ["DEFAULT_MODEL_PATH", "Captioner", "CheckpointError"]
+__all__ = ["DEFAULT_MODEL_PATH", "CaptionResult", "Captioner", "CheckpointError", "default_threads"]
+
+T = TypeVar("T")
+
+ENCODE_BATCH = 4  # images per encoder call on a CPU (see the module docstring)
+MAX_DEFAULT_THREADS = 4  # past this the beam search of one chunk, not the encoder, is the limit
+
+
+def default_threads() -> int:
+    """Parallel captioning threads for ``framecap caption``: the CPUs this process may use, at most 4."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_THREADS, cpus))
+
+
+@dataclass
+class CaptionResult(Generic[T]):
+    """One item of ``Captioner.caption_stream``: its hypothesis, or the error that stopped it.
+
+    Attributes:
+        item: the item as given (e.g. a path).
+        hypothesis: the best beam-search hypothesis; None when ``error`` is set.
+        error: the ValueError raised while loading or checking the image (e.g. ImageLoadError).
+        image: the RGB uint8 (H, W, 3) image when ``keep_images`` was asked, else None.
+    """
+
+    item: T
+    hypothesis: Hypothesis | None = None
+    error: ValueError | None = None
+    image: np.ndarray | None = None
 
 
 def resolve_device(device: str) -> torch.device:
@@ -45,12 +99,20 @@ class Captioner:
     def __init__(self, ckpt: dict[str, Any], *, device: str = "auto", beam_size: int = 3,
                  max_caption_length: int = 30, source: str = "checkpoint",
                  pretrained_encoder: bool = True, length_penalty: float | None = None,
-                 batch_size: int = 32, no_repeat_ngram_size: int | None = None) -> None:
+                 batch_size: int = 32, no_repeat_ngram_size: int | None = None,
+                 threads: int | None = None, encode_batch: int = ENCODE_BATCH) -> None:
         if beam_size < 1 or max_caption_length < 1:
             raise ValueError("beam_size and max_caption_length must be >= 1")
+        if batch_size < 1 or encode_batch < 1:
+            raise ValueError("batch_size and encode_batch must be >= 1")
+        if threads is not None and threads < 1:
+            raise ValueError(f"threads must be >= 1, got {threads}")
         self.device = resolve_device(device)
         encoder, decoder, word_map = build_models(ckpt, source, pretrained_encoder)
         self.encoder = encoder.to(self.device).eval()
+        self.channels_last = self.device.type == "cpu"
+        if self.channels_last:
+            self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.decoder = decoder.to(self.device).eval()
         self.word_map = word_map
         self.model_args: ModelArgs = decoder.args
@@ -62,11 +124,20 @@ class Captioner:
         self.no_repeat_ngram_size = int(ckpt.get("no_repeat_ngram_size", 0)
                                         if no_repeat_ngram_size is None else no_repeat_ngram_size)
         self.batch_size = batch_size
+        self.encode_batch = encode_batch if self.device.type == "cpu" else batch_size
+        self.threads = threads
+        if threads is not None and self.device.type == "cpu":
+            # parallelism comes from `threads` chunks at once; a team of threads per op would
+            # oversubscribe them (and spins at a barrier after each op on a busy machine)
+            torch.set_num_threads(1)
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", beam_size: int = 3,
-             max_caption_length: int = 30) -> Captioner:
+             max_caption_length: int = 30, threads: int | None = None) -> Captioner:
         """Load a checkpoint (None: the committed default model).
+
+        ``threads``: images captioned in parallel (see the module docstring); None keeps
+        torch's thread setting and captions on the calling thread.
 
         Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) for a
         file that is not a captioning checkpoint or whose weights do not fit its model_args or
@@ -75,8 +146,9 @@ class Captioner:
         path = Path(path) if path is not None else DEFAULT_MODEL_PATH
         ckpt = read_checkpoint(path)
         captioner = cls(ckpt, device=device, beam_size=beam_size,
-                        max_caption_length=max_caption_length, source=str(path))
-        logger.info("loaded captioning model %s from %s on %s", captioner.name, path, captioner.device)
+                        max_caption_length=max_caption_length, source=str(path), threads=threads)
+        logger.info("loaded captioning model %s from %s on %s (threads %s)", captioner.name, path,
+                    captioner.device, threads)
         return captioner
 
     @classmethod
@@ -86,18 +158,104 @@ class Captioner:
 
     @torch.inference_mode()
     def encode(self, images: Sequence[np.ndarray]) -> torch.Tensor:
-        """RGB uint8 (H, W, 3) images -> encoder_out (batch, grid, grid, encoder_dim)."""
-        x = self.encoder.preprocess(images).to(self.device)  # (batch, 3, S, S)
-        return self.encoder(x).float()  # (batch, grid, grid, encoder_dim)
+        """RGB uint8 (H, W, 3) images -> encoder_out (batch, grid, grid, encoder_dim).
+
+        Runs the encoder ``encode_batch`` images at a time. Raises ValueError for an array that
+        is not RGB uint8 HxWx3.
+        """
+        x = self.encoder.preprocess(images)  # (batch, 3, S, S)
+        return self._encode_tensor(x)
+
+    def _encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """Preprocessed (batch, 3, S, S) -> (batch, grid, grid, encoder_dim), in micro-batches."""
+        parts = []
+        for start in range(0, x.size(0), self.encode_batch):
+            part = x[start:start + self.encode_batch].to(self.device)  # (micro, 3, S, S)
+            if self.channels_last:
+                part = part.contiguous(memory_format=torch.channels_last)
+            parts.append(self.encoder(part).float())  # (micro, grid, grid, encoder_dim)
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _caption_chunk(self, chunk: list[T], load: Callable[[T], np.ndarray], return_alphas: bool,
+                       keep_images: bool) -> list[CaptionResult[T]]:
+        """Load, encode and beam-search one chunk of items (on whichever thread calls it)."""
+        with torch.inference_mode():  # thread-local: entered on the thread that computes
+            results: list[CaptionResult[T]] = []
+            inputs = []
+            for item in chunk:
+                result: CaptionResult[T] = CaptionResult(item)
+                results.append(result)
+                try:
+                    image = load(item)
+                    inputs.append(self.encoder.preprocess([image]))  # (1, 3, S, S)
+                except ValueError as err:  # ImageLoadError, or not RGB uint8 HxWx3
+                    result.error = err
+                    continue
+                if keep_images:
+                    result.image = image
+            if not inputs:
+                return results
+            encoder_out = self._encode_tensor(torch.cat(inputs))  # (valid, grid, grid, encoder_dim)
+            del inputs
+            hyps = iter(beam_search(self.decoder, encoder_out, self.word_map, self.beam_size,
+                                    self.max_caption_length, self.length_penalty, return_alphas,
+                                    no_repeat_ngram_size=self.no_repeat_ngram_size))
+            for result in results:
+                if result.error is None:
+                    result.hypothesis = next(hyps)
+            return results
+
+    def caption_stream(self, items: Iterable[T], load: Callable[[T], np.ndarray], *,
+                       return_alphas: bool = False, keep_images: bool = False,
+                       chunk_size: int | None = None) -> Iterator[CaptionResult[T]]:
+        """Caption items one chunk at a time, ``threads`` chunks in parallel, results in order.
+
+        Only about ``threads + 1`` chunks of images are in memory at once, so a long list of
+        files is never decoded all at once.
+
+        Args:
+            items: what to caption, e.g. paths; read lazily.
+            load: item -> RGB uint8 (H, W, 3) image; a ValueError it raises (ImageLoadError)
+                becomes that item's ``error`` and the others go on. Called on the worker threads.
+            return_alphas: keep each word's attention weights in the hypotheses.
+            keep_images: keep each loaded image in its result (to draw attention over it).
+            chunk_size: items per chunk: the beam search's batch. Default ``batch_size``, or
+                fewer when ``items`` has a length, so that each of the threads gets a chunk.
+
+        Yields:
+            one CaptionResult per item, in input order.
+        """
+        workers = self.threads or 1
+        size = chunk_size or self.batch_size
+        if chunk_size is None and isinstance(items, Sized):  # give every thread a chunk
+            size = max(1, min(size, math.ceil(len(items) / workers)))
+        chunks = _chunks(items, size)
+        if workers == 1:  # on the calling thread
+            for chunk in chunks:
+                yield from self._caption_chunk(chunk, load, return_alphas, keep_images)
+            return
+        pool = ThreadPoolExecutor(workers, thread_name_prefix="caption")
+        pending: deque[Future[list[CaptionResult[T]]]] = deque()
+        try:
+            for chunk in chunks:
+                pending.append(pool.submit(self._caption_chunk, chunk, load, return_alphas, keep_images))
+                if len(pending) > workers:
+                    yield from pending.popleft().result()
+            while pending:
+                yield from pending.popleft().result()
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def hypotheses(self, images: Sequence[np.ndarray], return_alphas: bool = False) -> list[Hypothesis]:
-        """Beam-search hypotheses per image, batched ``batch_size`` images at a time."""
+        """Beam-search hypotheses per image: ``batch_size`` images per beam search, split over
+        ``threads`` so that each thread has work. Raises ValueError for an array that is not
+        RGB uint8 HxWx3."""
         out: list[Hypothesis] = []
-        for start in range(0, len(images), self.batch_size):
-            encoder_out = self.encode(images[start:start + self.batch_size])
-            out += beam_search(self.decoder, encoder_out, self.word_map, self.beam_size,
-                               self.max_caption_length, self.length_penalty, return_alphas,
-                               no_repeat_ngram_size=self.no_repeat_ngram_size)
+        for result in self.caption_stream(images, _identity, return_alphas=return_alphas):
+            if result.error is not None:
+                raise result.error
+            assert result.hypothesis is not None
+            out.append(result.hypothesis)
         return out
 
     def caption_images(self, images: Sequence[np.ndarray]) -> list[tuple[str, float]]:
@@ -110,3 +268,18 @@ class Captioner:
         if len(images) == 0:
             return []
         return [(" ".join(self.word_map.decode(h.tokens)), h.score) for h in self.hypotheses(images)]
+
+
+def _identity(image: np.ndarray) -> np.ndarray:
+    return image
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
