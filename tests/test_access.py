@@ -7,7 +7,7 @@ import os
 import signal
 import subprocess
 import sys
-import time
+import threading
 from pathlib import Path
 
 import pytest
@@ -22,19 +22,19 @@ pytestmark = pytest.mark.integration
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _secrets(stack_ns, *users: str) -> list[str]:  # type: ignore[no-untyped-def]
-    """The S3 secret key and MQTT passwords (the access key id is an identifier, not a secret:
+def _secrets(stack_ns, *users: str) -> list[str]:
+    """The S3 secret keys and MQTT passwords (the access key id is an identifier, not a secret:
     it travels in every signed request's Authorization header)."""
-    _, secret = stack_ns.stack.s3_credentials()
-    return [secret, *(stack_ns.stack.password(u) for u in users)]
+    s3 = [stack_ns.stack.s3_credentials(role)[1] for role in ("admin", "ingest", "worker", "web")]
+    return [*s3, *(stack_ns.stack.password(u) for u in users)]
 
 
-def test_edge_connects_over_tls_and_its_frames_are_stored(stack_ns, shared_dir, tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_edge_connects_over_tls_and_its_frames_are_stored(stack_ns, shared_dir, tmp_path) -> None:
     device_id = stack_ns.device("tls")
     mqtt = stack_ns.mqtt_config(device_id, tls=True)
     assert mqtt.tls is not None and mqtt.port == stack_ns.stack.mqtt_tls_port
     ingest = IngestService(
-        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
         client_id=stack_ns.client_id("ingest"),
     )
     ingest.start()
@@ -52,12 +52,12 @@ def test_edge_connects_over_tls_and_its_frames_are_stored(stack_ns, shared_dir, 
     assert len(list(stack_ns.storage().list_keys(f"frames/{device_id}/"))) == 3
 
 
-def test_secrets_never_appear_in_logs_in_process(stack_ns, shared_dir, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+def test_secrets_never_appear_in_logs_in_process(stack_ns, shared_dir, tmp_path, caplog) -> None:
     """Edge and ingest at DEBUG (paho, boto3 and botocore included): no secret in any record."""
     device_id = stack_ns.device("logs")
     caplog.set_level(logging.DEBUG)
     ingest = IngestService(
-        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
         client_id=stack_ns.client_id("ingest"),
     )
     ingest.start()
@@ -79,10 +79,13 @@ def test_secrets_never_appear_in_logs_in_process(stack_ns, shared_dir, tmp_path,
 
 
 def test_ingest_process_takes_secrets_from_the_environment_and_never_logs_them(
-    stack_ns, tmp_path  # type: ignore[no-untyped-def]
+    stack_ns, tmp_path
 ) -> None:
-    """`framecap ingest -v` with a config file that holds no secret: they come from the env."""
-    key_id, secret = stack_ns.stack.s3_credentials()
+    """`framecap ingest -v` with a config file that holds no secret: they come from the env
+    (the ingest's own S3 identity, as `framecap stack env --user ingest` prints it)."""
+    stack_ns.ensure_bucket()
+    stack_ns.stack.grant_bucket(stack_ns.bucket)
+    key_id, secret = stack_ns.stack.s3_credentials("ingest")
     config = {
         "mqtt": {"host": stack_ns.stack.host, "port": stack_ns.stack.mqtt_port,
                  "username": "ingest", "topic_prefix": stack_ns.prefix,
@@ -98,11 +101,25 @@ def test_ingest_process_takes_secrets_from_the_environment_and_never_logs_them(
         [sys.executable, "-m", "common.cli", "ingest", "--config", str(path), "-v"],
         cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
+    lines: list[str] = []
+    connected = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if "connected to" in line:  # CONNACK checked the password; S3 was probed before
+                connected.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
     try:
-        time.sleep(4.0)  # connect to the broker (CONNACK checks the password) and open S3
+        connected.wait(60)
     finally:
         proc.send_signal(signal.SIGTERM)
-        out, _ = proc.communicate(timeout=30)
+        proc.wait(timeout=30)
+        reader.join(10)
+    out = "".join(lines)
     assert proc.returncode == 0, out[-2000:]
     assert "connected to" in out, out[-2000:]
     for value in _secrets(stack_ns, "ingest"):

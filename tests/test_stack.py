@@ -93,8 +93,9 @@ def test_stack_answers_and_keeps_secrets_out_of_stack_json(local_stack: LocalSta
     assert info["ports"]["s3"] == local_stack.s3_port
     for account in local_stack.accounts().values():
         assert account["password"] not in state
-    for secret in local_stack.s3_credentials():
-        assert secret not in state
+    for role in ("admin", "ingest", "worker", "web"):
+        for secret in local_stack.s3_credentials(role):
+            assert secret not in state
     assert (local_stack.accounts_file.stat().st_mode & 0o077) == 0
 
 
@@ -241,6 +242,10 @@ def test_stack_env_prints_the_web_account(local_stack: LocalStack, capsys) -> No
     out = capsys.readouterr().out
     assert "export FRAMECAP_MQTT_USERNAME=web\n" in out
     assert f"export FRAMECAP_MQTT_PASSWORD={local_stack.password('web')}\n" in out
+    web_key, web_secret = local_stack.s3_credentials("web")
+    assert f"export FRAMECAP_S3_ACCESS_KEY_ID={web_key}\n" in out
+    assert f"export FRAMECAP_S3_SECRET_ACCESS_KEY={web_secret}\n" in out
+    assert local_stack.s3_credentials("admin")[1] not in out  # never the admin identity
     assert mqtt_connack(local_stack.host, local_stack.mqtt_port, "web", local_stack.password("web")) == 0
 
 

@@ -22,6 +22,11 @@ dropped silently by mosquitto; a subscription is granted (mosquitto 2.0) but the
 applied to every message delivered, so a device never receives another device's messages.
 
 SeaweedFS is one ``weed server -s3`` process with an identities file, so S3 keys are checked.
+One S3 identity per role, with least privilege (:data:`~common.stack.state.S3_GRANTS`): ``admin``
+(everything, creates buckets), ``ingest`` (writes and reads ``frames/``), ``worker`` (reads and
+lists ``frames/``, writes ``captions/`` and ``outbox/``), ``web`` (reads ``frames/`` and
+``captions/``); devices have none. Each grant names its bucket; ``s3_config(bucket, role=...)``
+grants a new bucket on first use (identities file rewritten, SeaweedFS reloads on SIGHUP).
 Secrets are generated into ``STATE/secrets`` (mode 0700, files 0600) and never printed by
 ``up`` or ``status``.
 
@@ -29,8 +34,8 @@ State directory layout::
 
     stack.json                       endpoints, ports, PIDs, paths (no secrets)
     secrets/mqtt-accounts.json       {user: {"password", "role"}}
-    secrets/s3-credentials.json      {"access_key_id", "secret_access_key"}
-    secrets/s3-identities.json       SeaweedFS -s3.config
+    secrets/s3-credentials.json      {role: {"access_key_id", "secret_access_key"}} per S3 role
+    secrets/s3-identities.json       SeaweedFS -s3.config (reloaded with SIGHUP)
     mosquitto/mosquitto.conf, passwd, acl, data/, mosquitto.log, tls/
     seaweedfs/data/, tmp/, weed.log
 
@@ -61,7 +66,15 @@ from common.stack.process import (
     server_pids,
 )
 from common.stack.seaweedfs import PROBE_KEY, find_weed, weed_command
-from common.stack.state import DEFAULT_BUCKET, DEFAULT_STATE_DIR, ROLES, STATE_VERSION
+from common.stack.state import (
+    DEFAULT_BUCKET,
+    DEFAULT_STATE_DIR,
+    ROLES,
+    S3_GRANTS,
+    S3_ROLES,
+    STATE_VERSION,
+    s3_identities,
+)
 
 __all__ = [
     "DEFAULT_BUCKET",
@@ -70,6 +83,8 @@ __all__ = [
     "HOST",
     "PROBE_KEY",
     "ROLES",
+    "S3_GRANTS",
+    "S3_ROLES",
     "STATE_VERSION",
     "LocalStack",
     "PostgresServer",
@@ -86,6 +101,7 @@ __all__ = [
     "pick_port",
     "pid_alive",
     "port_is_free",
+    "s3_identities",
     "server_pids",
     "weed_command",
 ]

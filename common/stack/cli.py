@@ -54,7 +54,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     status.add_argument("--json", action="store_true", help="print status as JSON")
     add = sub.add_parser("add-device", parents=[common], help="create a device account and its ACL")
     add.add_argument("name", help="device_id (letters, digits, '.', '_', '-')")
-    env = sub.add_parser("env", parents=[common], help="print FRAMECAP_* exports (secrets!) for a user")
+    env = sub.add_parser("env", parents=[common],
+                         help="print FRAMECAP_* exports (secrets!) for a user: its MQTT account and "
+                              "its role's S3 identity (a device gets no S3 keys)")
     env.add_argument("--user", default="admin", help="MQTT account (default: %(default)s)")
     return parser
 

@@ -91,6 +91,7 @@ class LocalStack(MosquittoControl, SeaweedControl):
             self.acl_prefix = previous.get("acl_prefix", self.acl_prefix)
             self._explicit_mqtt = self._explicit_s3 = True  # a dead server comes back on its ports
         self.devices += [d for d in previous.get("devices", []) if d not in self.devices]
+        self.buckets = sorted(set(self.buckets) | set(previous.get("buckets", [])) | {self.bucket})
         return alive
 
     def up(self, timeout_s: float = 90.0) -> LocalStack:
@@ -188,6 +189,7 @@ class LocalStack(MosquittoControl, SeaweedControl):
         stack.tls = bool(state.get("tls"))
         stack.acl_prefix = state.get("acl_prefix", "+")
         stack.devices = list(state.get("devices", []))
+        stack.buckets = sorted(set(state.get("buckets", [])) | {stack.bucket})
         stack.ports.update(state.get("ports", {}))
         stack.timings = dict(state.get("timings", {}))
         for svc in (stack.mosquitto, stack.seaweedfs):

@@ -65,7 +65,31 @@ class SeaweedControl(StackState):
 
     def _weed_command(self) -> list[str]:
         ports = {name: self._port(name) for name in ("master", "volume", "filer", "s3")}
-        return weed_command(self.weed_dir, self.secrets_dir / "s3-identities.json", self.host, ports)
+        return weed_command(self.weed_dir, self.s3_identities_file, self.host, ports)
+
+    def _reload_s3_identities(self, bucket: str, timeout_s: float) -> None:
+        """SIGHUP makes ``weed`` reread its ``-s3.config``; wait until the ingest's identity may
+        HEAD a key under ``frames/`` of ``bucket`` (404, not 403)."""
+        from common.storage import error_code, make_s3_client
+
+        if not self.seaweedfs.running():
+            return  # it reads the file when it starts
+        self.seaweedfs.signal(signal.SIGHUP)
+        client = make_s3_client(self._s3_config_as("ingest", bucket), connect_timeout_s=1.0,
+                                read_timeout_s=5.0, max_attempts=1)
+        deadline = time.monotonic() + timeout_s
+        code = ""
+        while time.monotonic() < deadline:
+            try:
+                client.head_object(Bucket=bucket, Key="frames/.framecap-grant-probe")
+                return
+            except Exception as err:  # noqa: BLE001 - botocore's errors: look at the code
+                code = error_code(err)
+                if code not in {"403", "AccessDenied"}:
+                    return
+            time.sleep(0.1)
+        raise StackError(f"SeaweedFS did not apply the S3 grants for bucket {bucket!r} within "
+                         f"{timeout_s:.0f} s (last answer {code}); log {self.seaweedfs.log}")
 
     def start_seaweedfs(self, timeout_s: float = 60.0) -> None:
         """Start ``weed server -s3`` (same ports and data as before) and wait until a probe object

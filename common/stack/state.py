@@ -26,6 +26,39 @@ DEFAULT_STATE_DIR = Path(".state/stack")
 DEFAULT_BUCKET = "framecap"
 ROLES = ("admin", "ingest", "worker", "web")
 STATE_VERSION = 1
+# What each service's S3 identity may do, per (SeaweedFS action, key prefix), in every bucket the
+# stack knows (``Action:bucket/prefix/*`` in the identities file). Measured against weed 4.48:
+# ``Write`` covers PutObject (If-None-Match included) and DeleteObject (there is no separate
+# delete action), ``Read`` GetObject and HeadObject, ``List`` ListObjectsV2 under the prefix;
+# a ``*`` in an action matches across ``/``, so every grant names its bucket. HeadBucket and
+# CreateBucket need more (``Read:bucket``, ``Admin``): only ``admin`` creates buckets.
+S3_GRANTS: dict[str, tuple[tuple[str, str], ...]] = {
+    # stores frames (If-None-Match), and reads one back when it was there already
+    "ingest": (("Write", "frames"), ("Read", "frames")),
+    # finds frames without captions, writes captions and outbox markers, deletes the markers
+    "worker": (("Read", "frames"), ("List", "frames"), ("Read", "captions"), ("List", "captions"),
+               ("Write", "captions"), ("List", "outbox"), ("Write", "outbox")),
+    # shows frames and captions, writes nothing
+    "web": (("Read", "frames"), ("Read", "captions"), ("List", "captions"), ("List", "frames")),
+}
+S3_ROLES = ("admin", *S3_GRANTS)
+ADMIN_ACTIONS = ["Admin", "Read", "Write", "List", "Tagging"]
+
+
+def s3_identities(credentials: dict[str, tuple[str, str]], buckets: Iterable[str]) -> dict[str, Any]:
+    """The SeaweedFS ``-s3.config`` document: one identity per role of ``credentials``
+    (``{role: (access_key_id, secret_access_key)}``), ``admin`` with every right and each
+    service with :data:`S3_GRANTS` in each of ``buckets``. Devices have no S3 identity."""
+    identities = []
+    for role, (key_id, secret) in credentials.items():
+        if role == "admin":
+            actions = list(ADMIN_ACTIONS)
+        else:
+            actions = [f"{action}:{bucket}/{prefix}/*" for bucket in sorted(set(buckets))
+                       for action, prefix in S3_GRANTS[role]]
+        identities.append({"name": f"framecap-{role}", "actions": actions,
+                           "credentials": [{"accessKey": key_id, "secretKey": secret}]})
+    return {"identities": identities}
 
 
 class StackState:
@@ -58,7 +91,8 @@ class StackState:
         self.seaweedfs = _Service("seaweedfs", str(self.weed_dir / "data"), self.weed_dir / "weed.log",
                                   program="weed")
         self.timings: dict[str, float] = {}
-        self.healed: list[str] = []  # servers the last up() found dead and started again
+        self.healed: list[str] = []
+        self.buckets: list[str] = [bucket]  # buckets the service identities have rights in  # servers the last up() found dead and started again
         self._explicit_mqtt = mqtt_port is not None
         self._explicit_s3 = s3_port is not None
 
@@ -75,8 +109,14 @@ class StackState:
 
     @property
     def s3_credentials_file(self) -> Path:
-        """JSON ``{"access_key_id", "secret_access_key"}`` (0600)."""
+        """JSON ``{role: {"access_key_id", "secret_access_key"}}`` (0600), one S3 identity per
+        service role (:data:`S3_GRANTS`) and ``admin``."""
         return self.secrets_dir / "s3-credentials.json"
+
+    @property
+    def s3_identities_file(self) -> Path:
+        """SeaweedFS's ``-s3.config`` (0600), written from :attr:`s3_credentials_file`."""
+        return self.secrets_dir / "s3-identities.json"
 
     @property
     def ca_file(self) -> Path:
@@ -122,10 +162,27 @@ class StackState:
                              f"add a device with: framecap stack add-device {user}")
         return account["password"]
 
-    def s3_credentials(self) -> tuple[str, str]:
-        """``(access_key_id, secret_access_key)`` of the S3 identity."""
-        data = json.loads(self.s3_credentials_file.read_text())
-        return data["access_key_id"], data["secret_access_key"]
+    def _s3_credentials_all(self) -> dict[str, tuple[str, str]]:
+        try:
+            data = json.loads(self.s3_credentials_file.read_text())
+        except FileNotFoundError:
+            return {}
+        if "access_key_id" in data:  # a state directory from before the per-role identities
+            data = {"admin": data}
+        return {role: (c["access_key_id"], c["secret_access_key"]) for role, c in data.items()}
+
+    def s3_credentials(self, role: str = "admin") -> tuple[str, str]:
+        """``(access_key_id, secret_access_key)`` of the S3 identity of ``role`` (``admin``,
+        ``ingest``, ``worker`` or ``web``; see :data:`S3_GRANTS`).
+
+        Raises:
+            StackError: no such role (devices have no S3 identity), or no secrets yet.
+        """
+        creds = self._s3_credentials_all().get(role)
+        if creds is None:
+            raise StackError(f"no S3 identity for {role!r} in {self.s3_credentials_file} "
+                             f"(roles: {', '.join(S3_ROLES)}; devices have none)")
+        return creds
 
     def mqtt_config(
         self, user: str = "admin", *, topic_prefix: str = "framecap", tls: bool = False, **fields: Any
@@ -142,38 +199,86 @@ class StackState:
             tls=tls_config, **fields,
         )
 
-    def s3_config(self, bucket: str | None = None, **fields: Any) -> S3Config:
-        """A ready :class:`S3Config` (endpoint, path style, keys as SecretStr) for ``bucket``."""
-        key_id, secret = self.s3_credentials()
+    def s3_config(self, bucket: str | None = None, *, role: str = "admin", **fields: Any) -> S3Config:
+        """A ready :class:`S3Config` (endpoint, path style, keys as SecretStr) for ``bucket``
+        (default: the stack's bucket) with the S3 identity of ``role``: ``admin`` (default: all
+        rights, creates buckets), ``ingest``, ``worker`` or ``web`` (least privilege,
+        :data:`S3_GRANTS`). A service role is granted ``bucket`` first if it is new to the
+        stack (:meth:`grant_bucket`)."""
+        bucket = bucket or self.bucket
+        if role != "admin":
+            self.grant_bucket(bucket)
+        return self._s3_config_as(role, bucket, **fields)
+
+    def _s3_config_as(self, role: str, bucket: str, **fields: Any) -> S3Config:
+        key_id, secret = self.s3_credentials(role)
         return S3Config(
-            endpoint_url=self.s3_endpoint, bucket=bucket or self.bucket, region="us-east-1",
+            endpoint_url=self.s3_endpoint, bucket=bucket, region="us-east-1",
             access_key_id=SecretStr(key_id), secret_access_key=SecretStr(secret), path_style=True,
             **fields,
         )
 
-    def storage(self, bucket: str | None = None, **client_options: Any) -> Any:
-        """A :class:`common.storage.ObjectStore` on ``bucket`` (default: the stack's bucket)."""
+    def storage(self, bucket: str | None = None, *, role: str = "admin", **client_options: Any) -> Any:
+        """A :class:`common.storage.ObjectStore` on ``bucket`` (default: the stack's bucket) with
+        the S3 identity of ``role`` (see :meth:`s3_config`)."""
         from common.storage import ObjectStore
 
-        return ObjectStore(self.s3_config(bucket), **client_options)
+        return ObjectStore(self.s3_config(bucket, role=role), **client_options)
 
-    def env(self, user: str = "admin") -> dict[str, str]:
-        """``FRAMECAP_*`` environment variables for a process that connects as ``user``.
+    def env(self, user: str = "admin", *, bucket: str | None = None) -> dict[str, str]:
+        """``FRAMECAP_*`` environment variables for a process that connects as ``user``: its MQTT
+        account and the S3 identity of that account's role (``admin``, ``ingest``, ``worker``,
+        ``web``). A device gets no S3 variables at all: devices only speak MQTT.
 
         Holds secrets (``FRAMECAP_MQTT_PASSWORD``, ``FRAMECAP_S3_*_KEY*``): pass it to a child
         process's environment, never print it.
         """
-        key_id, secret = self.s3_credentials()
-        return {
+        env = {
             "FRAMECAP_MQTT_HOST": self.host,
             "FRAMECAP_MQTT_PORT": str(self.mqtt_port),
             "FRAMECAP_MQTT_USERNAME": user,
             "FRAMECAP_MQTT_PASSWORD": self.password(user),
-            "FRAMECAP_S3_ENDPOINT_URL": self.s3_endpoint,
-            "FRAMECAP_S3_BUCKET": self.bucket,
-            "FRAMECAP_S3_ACCESS_KEY_ID": key_id,
-            "FRAMECAP_S3_SECRET_ACCESS_KEY": secret,
         }
+        role = self.accounts()[user]["role"]
+        if role in S3_ROLES:
+            config = self.s3_config(bucket, role=role)
+            assert config.access_key_id is not None and config.secret_access_key is not None
+            env.update({
+                "FRAMECAP_S3_ENDPOINT_URL": self.s3_endpoint,
+                "FRAMECAP_S3_BUCKET": config.bucket,
+                "FRAMECAP_S3_ACCESS_KEY_ID": config.access_key_id.get_secret_value(),
+                "FRAMECAP_S3_SECRET_ACCESS_KEY": config.secret_access_key.get_secret_value(),
+            })
+        return env
+
+    def grant_bucket(self, bucket: str, timeout_s: float = 15.0) -> None:
+        """Give the service identities their rights (:data:`S3_GRANTS`) in ``bucket`` too: add it
+        to the stack's buckets, rewrite the identities file and make a running SeaweedFS reload
+        it (SIGHUP), then wait until the new grant answers. Nothing when it is known already.
+
+        Raises:
+            StackError: SeaweedFS did not apply the grant within ``timeout_s``.
+        """
+        if bucket in self.buckets:
+            return
+        with self._locked():
+            saved = self._read_state() or {}
+            self.buckets = sorted(set(self.buckets) | set(saved.get("buckets", [])))
+            if bucket in self.buckets:
+                return
+            self.buckets.append(bucket)
+            self._write_s3_identities()
+            if self.state_file.exists():
+                self._save_state()
+        self._reload_s3_identities(bucket, timeout_s)
+
+    def _reload_s3_identities(self, bucket: str, timeout_s: float) -> None:
+        """Overridden by the SeaweedFS half: SIGHUP and wait."""
+
+    def _write_s3_identities(self) -> None:
+        buckets = sorted(set(self.buckets) | {self.bucket})
+        doc = s3_identities(self._s3_credentials_all(), buckets)
+        write_private(self.s3_identities_file, json.dumps(doc, indent=2))
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
@@ -194,17 +299,15 @@ class StackState:
         for device in self.devices:
             accounts.setdefault(device, {"password": secrets.token_urlsafe(24), "role": "device"})
         write_private(self.accounts_file, json.dumps(accounts, indent=2))
-        if not self.s3_credentials_file.exists():
-            creds = {"access_key_id": "FC" + secrets.token_hex(9).upper(),
-                     "secret_access_key": secrets.token_urlsafe(30)}
-            write_private(self.s3_credentials_file, json.dumps(creds, indent=2))
-        key_id, secret = self.s3_credentials()
-        identities = {"identities": [{
-            "name": "framecap",
-            "credentials": [{"accessKey": key_id, "secretKey": secret}],
-            "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-        }]}
-        write_private(self.secrets_dir / "s3-identities.json", json.dumps(identities, indent=2))
+        creds = self._s3_credentials_all()
+        if set(creds) != set(S3_ROLES):
+            for role in S3_ROLES:
+                creds.setdefault(role, ("FC" + secrets.token_hex(9).upper(), secrets.token_urlsafe(30)))
+            data = {role: {"access_key_id": k, "secret_access_key": s} for role, (k, s) in creds.items()}
+            write_private(self.s3_credentials_file, json.dumps(data, indent=2))
+        if self.bucket not in self.buckets:
+            self.buckets.append(self.bucket)
+        self._write_s3_identities()
 
     # --- what runs, and stack.json -------------------------------------------------------------
 
@@ -231,8 +334,10 @@ class StackState:
                           "ports": {k: self.ports[k] for k in ("s3", "master", "volume", "filer")},
                           "log": str(self.seaweedfs.log)},
             "accounts": sorted(self.accounts()),
+            "buckets": sorted(set(self.buckets)),
             "secrets": {"mqtt_accounts": str(self.accounts_file),
                         "s3_credentials": str(self.s3_credentials_file)},
+            "s3_identities": sorted(self._s3_credentials_all()),
         }
 
     def running(self) -> bool:
