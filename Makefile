@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
@@ -65,6 +65,12 @@ bench: setup
 BENCH_CAPTIONS ?= 1000000
 bench-web: setup
 	$(BIN)/python bench/web_search.py --captions $(BENCH_CAPTIONS)
+
+# Captioning speed (docs/performance.md): jpg -> caption against a per-image loop and batched beam
+# search against one image at a time, ratios against baselines of the same run, captions compared.
+# BENCH_CAPTION_ARGS='--images DIR' for another folder of JPEGs (default: the Flickr8k images).
+bench-caption: setup
+	$(BIN)/python bench/caption_throughput.py --count 200 --threads 2 $(BENCH_CAPTION_ARGS)
 
 clean:
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
