@@ -33,9 +33,12 @@ def find_chromium() -> str | None:
     return None
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
-    """A headless Chromium (Playwright sync API), one per test session."""
+    """A headless Chromium (Playwright sync API), one per test module.
+
+    Not per session: Playwright's sync API runs an asyncio loop on the main thread while it is
+    open, and later tests that call ``asyncio.run`` (the live-stream tests) would fail."""
     try:
         from playwright.sync_api import sync_playwright
     except ImportError:

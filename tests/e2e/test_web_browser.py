@@ -63,6 +63,7 @@ class Namespace:
         token = uuid.uuid4().hex[:10]
         self.prefix, self.bucket = f"t{token}", f"t-{token}"
         stack.storage(self.bucket).ensure_bucket()
+        stack.grant_bucket(self.bucket)  # the services' least-privilege identities may use it
 
     def device(self, name: str) -> str:
         device_id = f"{name}-{uuid.uuid4().hex[:6]}"
@@ -75,8 +76,8 @@ class Namespace:
     def mqtt_config(self, user: str, **fields: Any) -> Any:
         return self.stack.mqtt_config(user, topic_prefix=self.prefix, **fields)
 
-    def s3_config(self) -> Any:
-        return self.stack.s3_config(self.bucket)
+    def s3_config(self, role: str = "admin") -> Any:
+        return self.stack.s3_config(self.bucket, role=role)
 
 
 @pytest.fixture(scope="module")
@@ -88,9 +89,9 @@ def ns(local_stack: Any) -> Namespace:
 def pipeline(ns: Any, captioner: Any) -> Iterator[dict[str, str]]:
     """Ingest + worker running; devices ``street-*`` and ``desk-*``."""
     devices = {"street": ns.device("street"), "desk": ns.device("desk")}
-    ingest = IngestService(IngestConfig(mqtt=ns.mqtt_config("ingest"), s3=ns.s3_config()),
+    ingest = IngestService(IngestConfig(mqtt=ns.mqtt_config("ingest"), s3=ns.s3_config("ingest")),
                            client_id=ns.client_id("ingest"))
-    worker = CaptionWorker(WorkerConfig(mqtt=ns.mqtt_config("worker"), s3=ns.s3_config(), batch_size=8,
+    worker = CaptionWorker(WorkerConfig(mqtt=ns.mqtt_config("worker"), s3=ns.s3_config("worker"), batch_size=8,
                                         max_wait_s=0.1, list_interval_s=5.0),
                            captioner=captioner, client_id=ns.client_id("worker"))
     ingest.start()
@@ -288,7 +289,8 @@ def test_login_devices_search_filter_frame_attention(browser: Any, site: dict[st
     page.wait_for_function("() => { const i = document.querySelector('#frame-img');"
                            " return i && i.complete && i.naturalWidth > 0; }")
     assert frame.caption in page.inner_text("body")
-    page.locator(".attn-word").first.click()
+    noun = content_word(frame.caption)
+    page.locator(".attn-word", has_text=noun).first.click()  # e.g. "skateboard": where it looked
     page.wait_for_function(
         "() => { const c = document.querySelector('#attn-canvas'); if (!c || !c.width) return false;"
         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
