@@ -1,4 +1,5 @@
-"""Least privilege in the local stack (issue 8 item 7): one S3 identity per role, devices none.
+"""Least privilege in the local stack (issue 8 items 4 and 7): one S3 identity per role, devices
+none; MQTT subscriptions checked when they are made, so no device joins a service's share group.
 
 Each service's S3 identity may do what its code does and nothing else (``S3_GRANTS``): the
 ingest writes ``frames/``, the worker reads ``frames/`` and writes ``captions/`` and ``outbox/``,
@@ -6,6 +7,10 @@ web only reads, devices get no S3 keys at all. Checked against the real SeaweedF
 """
 
 from __future__ import annotations
+
+import threading
+import time
+import uuid
 
 import pytest
 
@@ -119,3 +124,107 @@ def test_grants_are_named_per_bucket_so_other_buckets_are_out_of_reach(stack_ns,
     foreign = ObjectStore(ingest_cfg.model_copy(update={"bucket": other}), max_attempts=1)
     assert _denied(foreign.put, "frames/cam/2026/01/01/f1.jpg", b"x")
     assert set(S3_GRANTS) == {"ingest", "worker", "web"}
+
+
+class _Sub:
+    """A bare MQTT v5 client that records SUBACK reason codes and every message it gets."""
+
+    def __init__(self, config, *, persistent: bool = False) -> None:  # noqa: ANN001
+        import paho.mqtt.client as mqtt
+
+        self.messages: list[str] = []
+        self._acked = threading.Event()
+        self._connected = threading.Event()
+        self.codes: list[int] = []
+        self.client = mqtt.Client(callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
+                                  client_id=f"hostile-{uuid.uuid4().hex[:8]}", protocol=mqtt.MQTTv5)
+        self.client.username_pw_set(config.username, config.password.get_secret_value())
+        self.client.on_connect = lambda *a: self._connected.set()
+        self.client.on_message = lambda c, u, m: self.messages.append(m.topic)
+        self.client.on_subscribe = self._on_subscribe
+        props = None
+        if persistent:  # in the old setup a persistent member kept its share while away
+            props = mqtt.Properties(mqtt.PacketTypes.CONNECT)
+            props.SessionExpiryInterval = 3600
+        self.client.connect(config.host, config.port, clean_start=not persistent, properties=props)
+        self.client.loop_start()
+        assert self._connected.wait(5), "no CONNACK"
+
+    def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:  # noqa: ANN001
+        self.codes = [rc.value for rc in reason_codes]
+        self._acked.set()
+
+    def subscribe(self, topic: str) -> int:
+        """SUBACK reason code: 1 granted QoS 1, 135 (0x87) not authorized."""
+        self._acked.clear()
+        self.client.subscribe(topic, qos=1)
+        assert self._acked.wait(5), "no SUBACK"
+        return self.codes[0]
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+NOT_AUTHORIZED = 135
+
+
+def test_a_device_may_subscribe_only_to_its_own_topics(stack_ns, wait_until) -> None:  # noqa: ANN001
+    """Issue 8 item 4: subscriptions are checked when made (dynamic security), so a device can
+    join neither the ingest's nor the worker's share group, nor read any other topic."""
+    dev, other = stack_ns.device("hostile"), stack_ns.device("cam")
+    t = stack_ns.topics
+    hostile = _Sub(stack_ns.mqtt_config(dev))
+    try:
+        for topic in (f"$share/ingest/{t.all_devices('frames')}", f"$share/worker/{t.all_devices('acks')}",
+                      f"$share/web/{t.all_devices('captions')}", f"$share/ingest/{t.frames(other)}",
+                      f"$share/x/{t.acks(dev)}", "#", f"{stack_ns.prefix}/#", t.all_devices("frames"),
+                      t.frames(other), t.frames(dev), t.captions(other), t.acks(other), t.alerts(other),
+                      "$SYS/#", "$CONTROL/dynamic-security/v1/response"):
+            assert hostile.subscribe(topic) == NOT_AUTHORIZED, topic
+        for topic in (t.acks(dev), t.captions(dev), t.alerts(dev)):
+            assert hostile.subscribe(topic) == 1, topic
+    finally:
+        hostile.close()
+
+
+def test_a_hostile_device_cannot_hold_back_other_devices_frames(stack_ns, shared_dir, tmp_path) -> None:  # noqa: ANN001
+    """A device that tries to join the ingest's share group (live, and with a persistent session
+    that then goes away) is refused, and another device's frames all reach S3 at once: the
+    edge drains well before its 30 s resend (with the old ACL file every second frame went to
+    the hostile member and was dropped, so the drain waited for the resend)."""
+    from cloud.ingest import IngestService
+    from common.config import EdgeConfig, IngestConfig, SamplingConfig, SpoolConfig
+    from edge.daemon import EdgeDaemon
+
+    hostile_id, good = stack_ns.device("hostile"), stack_ns.device("cam")
+    t = stack_ns.topics
+    ingest_config = IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest"))
+    group = f"$share/{ingest_config.share_group}/{t.all_devices('frames')}"
+    away = _Sub(stack_ns.mqtt_config(hostile_id), persistent=True)
+    assert away.subscribe(group) == NOT_AUTHORIZED
+    away.close()  # a persistent member that leaves would have kept its turn
+    hostile = _Sub(stack_ns.mqtt_config(hostile_id))
+    ingest = IngestService(ingest_config, client_id=stack_ns.client_id("ingest"))
+    ingest.start()
+    try:
+        assert ingest.wait_connected(10)
+        assert hostile.subscribe(group) == NOT_AUTHORIZED
+        assert hostile.subscribe("#") == NOT_AUTHORIZED
+        frames = 6
+        config = EdgeConfig(
+            device_id=good, source=str(shared_dir / "videos" / "vtest.avi"), max_frames=frames,
+            mqtt=stack_ns.mqtt_config(good), sampling=SamplingConfig(interval_s=2.0, scene_change=False),
+            spool=SpoolConfig(directory=tmp_path / "spool"), drain_timeout_s=60,
+        )
+        assert config.spool.resend_after_s >= 30
+        t0 = time.monotonic()
+        summary = EdgeDaemon(config, print_captions=False).run()
+        took = time.monotonic() - t0
+    finally:
+        ingest.stop()
+        hostile.close()
+    assert summary.drained and summary.frames_acked == frames
+    assert len(list(stack_ns.storage().list_keys(f"frames/{good}/"))) == frames
+    assert took < config.spool.resend_after_s * 0.6, f"drain took {took:.1f} s: frames waited for a resend"
+    assert hostile.messages == []

@@ -4,22 +4,28 @@
 the tests' fixtures and by ``framecap demo``). Flags and timings: ../shared/LOCAL-STACK.md.
 
 mosquitto runs with our generated config: a listener on 127.0.0.1 and a free port (plus an
-optional TLS listener), persistence on, ``max_queued_messages`` raised, and access control:
-``allow_anonymous false``, a password file (PBKDF2-SHA512 ``$7$`` hashes, as ``mosquitto_passwd``
-writes them) and an ACL file. Accounts:
+optional TLS listener), persistence on, ``max_queued_messages`` raised, and access control by its
+dynamic security plugin (``mosquitto_dynamic_security.so``, ``STATE/mosquitto/dynamic-security.json``
+written from the accounts file at each start; PBKDF2-SHA512 hashes): ``allow_anonymous false``,
+one client per account and one role per service or device, everything not granted denied.
+Accounts:
 
-| account | may publish | may subscribe |
+| account | may publish | may subscribe (and receive) |
 | --- | --- | --- |
-| ``admin`` | everything | everything |
-| ``ingest`` | ``P/+/acks`` | ``P/+/frames``, ``P/+/status`` |
-| ``worker`` | ``P/+/captions`` | ``P/+/acks`` (the ingest's acks tell it of new frames) |
-| ``web`` | ``P/+/alerts`` | ``P/+/captions``, ``P/+/status`` |
-| device ``D`` | ``P/D/frames``, ``P/D/status`` | ``P/D/acks``, ``P/D/captions``, ``P/D/alerts`` |
+| ``admin`` | everything | everything, ``$share/#``, ``$CONTROL/dynamic-security/#`` |
+| ``ingest`` | ``P/+/acks`` | ``P/+/frames``, ``P/+/status`` (plain or ``$share/GROUP/...``) |
+| ``worker`` | ``P/+/captions`` | ``P/+/acks`` (plain or shared; the acks tell it of new frames) |
+| ``web`` | ``P/+/alerts`` | ``P/+/captions``, ``P/+/status`` (plain or shared) |
+| device ``D`` | ``P/D/frames``, ``P/D/status`` | ``P/D/acks``, ``P/D/captions``, ``P/D/alerts`` (not shared) |
 
-``P`` is the topic prefix; by default the ACL accepts any one-level prefix (``+``), so tests can
-give each test its own prefix; device isolation holds under every prefix. A denied publish is
-dropped silently by mosquitto; a subscription is granted (mosquitto 2.0) but the ACL is
-applied to every message delivered, so a device never receives another device's messages.
+``P`` is the topic prefix; by default the ACLs accept any one-level prefix (``+``), so tests can
+give each test its own prefix; device isolation holds under every prefix. Subscriptions are
+checked when they are made (``subscribePattern``): a SUBSCRIBE to anything else is answered
+"not authorized" (SUBACK 0x87), so a device can join no service's shared subscription (with an
+ACL file, mosquitto 2.0.11 granted any SUBSCRIBE, put a device into the ingest's share group and
+dropped its round-robin turns). Delivery is checked too (``publishClientReceive``); a denied
+publish is answered "not authorized" (MQTT v5 PUBACK 135). :meth:`LocalStack.add_device` adds a
+device to a running broker through ``$CONTROL/dynamic-security/v1`` (as ``admin``).
 
 SeaweedFS is one ``weed server -s3`` process with an identities file, so S3 keys are checked.
 One S3 identity per role, with least privilege (:data:`~common.stack.state.S3_GRANTS`): ``admin``
@@ -36,7 +42,7 @@ State directory layout::
     secrets/mqtt-accounts.json       {user: {"password", "role"}}
     secrets/s3-credentials.json      {role: {"access_key_id", "secret_access_key"}} per S3 role
     secrets/s3-identities.json       SeaweedFS -s3.config (reloaded with SIGHUP)
-    mosquitto/mosquitto.conf, passwd, acl, data/, mosquitto.log, tls/
+    mosquitto/mosquitto.conf, dynamic-security.json, data/, mosquitto.log, tls/
     seaweedfs/data/, tmp/, weed.log
 
 Modules: :mod:`~common.stack.process` (processes, ports, :class:`StackError`),
@@ -50,6 +56,8 @@ from common.stack.cli import get_args_parser, main
 from common.stack.local import LocalStack
 from common.stack.mosquitto import (
     acl_text,
+    dynsec_json,
+    find_dynsec_plugin,
     find_mosquitto,
     mosquitto_conf_text,
     mosquitto_password_hash,
@@ -90,6 +98,8 @@ __all__ = [
     "PostgresServer",
     "StackError",
     "acl_text",
+    "dynsec_json",
+    "find_dynsec_plugin",
     "find_mosquitto",
     "find_postgres",
     "find_weed",

@@ -133,9 +133,9 @@ class LocalStack(MosquittoControl, SeaweedControl):
             started: list[str] = []
             try:
                 if "mosquitto" in alive:
-                    if set(self.accounts()) != devices_before:
-                        self._write_auth_files()
-                        self.reload_mosquitto()
+                    for user, account in self.accounts().items():
+                        if user not in devices_before:
+                            self._add_live_account(user, account)
                 else:
                     started.append("mosquitto")
                     self.start_mosquitto()
