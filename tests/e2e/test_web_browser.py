@@ -241,7 +241,7 @@ def login(browser: Any, base: str, user: str, password: str) -> Any:
 
 def shot(page: Any, screenshot_dir: Path | None, name: str) -> None:
     if screenshot_dir is not None:
-        page.screenshot(path=str(screenshot_dir / f"{name}.png"), full_page=True)
+        page.screenshot(path=str(screenshot_dir / f"{name}.png"), full_page=True, animations="disabled")
 
 
 # -- the tests -------------------------------------------------------------------------
@@ -258,7 +258,6 @@ def test_login_devices_search_filter_frame_attention(browser: Any, site: dict[st
     page.context.close()
 
     page = login(browser, base, "alice", "alice-password")
-    shot(page, screenshot_dir, "login-search-empty")
     page.goto(f"{base}/devices")
     cards = page.locator(".device-card")
     cards.first.wait_for()
@@ -296,6 +295,7 @@ def test_login_devices_search_filter_frame_attention(browser: Any, site: dict[st
         " const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;"
         " for (let i = 3; i < d.length; i += 4) { if (d[i] > 0) return true; } return false; }",
         timeout=60_000)
+    page.wait_for_selector("#attn-canvas.on")  # shown over the frame
     shot(page, screenshot_dir, "frame-attention")
     page.goto(f"{base}/devices/{frame.device_id}")
     page.wait_for_selector("body")
