@@ -8,11 +8,14 @@ web only reads, devices get no S3 keys at all. Checked against the real SeaweedF
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from common.stack import S3_GRANTS, main
 from common.storage import StorageError
@@ -228,3 +231,67 @@ def test_a_hostile_device_cannot_hold_back_other_devices_frames(stack_ns, shared
     assert len(list(stack_ns.storage().list_keys(f"frames/{good}/"))) == frames
     assert took < config.spool.resend_after_s * 0.6, f"drain took {took:.1f} s: frames waited for a resend"
     assert hostile.messages == []
+
+
+def test_compose_broker_config_refuses_a_device_in_the_ingest_share_group(tmp_path, wait_until) -> None:  # noqa: ANN001
+    """deploy/mosquitto (entrypoint.sh writes the dynamic security JSON from the environment,
+    mosquitto.conf loads the plugin) on the real mosquitto, paths moved into tmp_path."""
+    import subprocess
+
+    from common.config import MqttConfig
+    from common.stack import find_dynsec_plugin, find_mosquitto, mqtt_connack, pick_port
+    from common.stack.process import StackError
+
+    try:
+        find_mosquitto()
+        plugin = find_dynsec_plugin()
+    except StackError as err:
+        pytest.skip(str(err))
+    deploy = Path(__file__).resolve().parents[1] / "deploy" / "mosquitto"
+    port = pick_port()
+    conf = (deploy / "mosquitto.conf").read_text()
+    settings = [line.split()[0] for line in conf.splitlines() if line.strip() and not line.startswith("#")]
+    assert "acl_file" not in settings and "password_file" not in settings and "plugin" in settings
+    conf = conf.replace("/usr/lib/mosquitto_dynamic_security.so", plugin)
+    conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
+    conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1").replace("log_dest stdout", "log_dest stderr")
+    (tmp_path / "mosquitto.conf").write_text("user root\n" + conf)
+    env = {"PATH": os.environ["PATH"], "FRAMECAP_MOSQUITTO_DATA": str(tmp_path),
+           "FRAMECAP_MOSQUITTO_CONF": str(tmp_path / "mosquitto.conf"),
+           "FRAMECAP_MQTT_INGEST_PASSWORD": "pw-ingest", "FRAMECAP_MQTT_WORKER_PASSWORD": "pw-worker",
+           "FRAMECAP_MQTT_WEB_PASSWORD": "pw-web", "FRAMECAP_MQTT_DEVICES": "cam1:pw-cam1 cam2:pw-cam2"}
+    broker = subprocess.Popen(["sh", str(deploy / "entrypoint.sh")], env=env, stderr=subprocess.PIPE)
+
+    def up() -> bool:
+        try:
+            return mqtt_connack("127.0.0.1", port, "ingest", "pw-ingest") == 0
+        except OSError:
+            assert broker.poll() is None, broker.stderr.read() if broker.stderr else b""
+            return False
+
+    def config(user: str) -> MqttConfig:
+        return MqttConfig(host="127.0.0.1", port=port, username=user, password=SecretStr(f"pw-{user}"))
+
+    clients: list[_Sub] = []
+    try:
+        assert wait_until(up, 10), "the deploy broker did not start"
+        assert mqtt_connack("127.0.0.1", port, "cam1", "wrong") != 0
+        assert mqtt_connack("127.0.0.1", port, None, None) != 0
+        ingest, cam1, cam2, worker = (_Sub(config(u)) for u in ("ingest", "cam1", "cam2", "worker"))
+        clients += [ingest, cam1, cam2, worker]
+        assert ingest.subscribe("$share/ingest/framecap/+/frames") == 1
+        assert worker.subscribe("$share/worker/framecap/+/acks") == 1
+        for topic in ("$share/ingest/framecap/+/frames", "$share/worker/framecap/+/acks", "#",
+                      "framecap/cam2/captions", "framecap/+/frames"):
+            assert cam1.subscribe(topic) == NOT_AUTHORIZED, topic
+        assert cam1.subscribe("framecap/cam1/captions") == 1
+        cam1.client.publish("framecap/cam2/frames", b"forged", qos=1).wait_for_publish(5)
+        for i in range(10):
+            cam2.client.publish("framecap/cam2/frames", b"%d" % i, qos=1).wait_for_publish(5)
+        assert wait_until(lambda: len(ingest.messages) >= 10, 5)
+        assert ingest.messages == ["framecap/cam2/frames"] * 10  # all of them, and not the forged one
+    finally:
+        for c in clients:
+            c.close()
+        broker.terminate()
+        broker.wait(10)
