@@ -201,6 +201,10 @@ class SpoolConfig(Section):
     max_frames: int = Field(default=10000, ge=1, description="Most frames kept; the oldest is dropped beyond.")
     max_bytes: int = Field(default=1 << 30, ge=1 << 16, description="Most bytes kept; the oldest is dropped beyond.")
     resend_after_s: float = Field(default=30.0, gt=0, description="Resend a frame not acknowledged within this time, seconds.")
+    reconnect_grace_s: float = Field(
+        default=2.0, gt=0, description="After a reconnect, resend a frame not acknowledged within this time, doubling up to resend_after_s until a frame sent since is acknowledged, seconds (a broker restart loses shared subscriptions until the ingest is back).")
+    overtaken_grace_s: float = Field(
+        default=2.0, gt=0, description="Resend a frame the broker accepted when a frame sent after it has been acknowledged for this long, seconds (its ingest replica died with it).")
 
 
 class EdgeConfig(Section):

@@ -176,7 +176,8 @@ class EdgeDaemon:
             return self.summary()
         self._publisher = FramePublisher(
             cfg.device_id, cfg.mqtt, self._spool,
-            resend_after_s=cfg.spool.resend_after_s, captions_jsonl=cfg.captions_jsonl,
+            resend_after_s=cfg.spool.resend_after_s, reconnect_grace_s=cfg.spool.reconnect_grace_s,
+            overtaken_grace_s=cfg.spool.overtaken_grace_s, captions_jsonl=cfg.captions_jsonl,
             on_caption=self.on_caption, print_captions=self.print_captions,
             track_captions=cfg.wait_for_captions_s > 0,
         )

@@ -50,6 +50,9 @@ FAULT_ORDER = (
     "worker SIGKILL mid-batch, restarted",
     "edge cut off from the broker",
     "spool full (live source, link down, spool of 5)",
+    "ingest replica replaced (new client id, 2 replicas)",
+    "ingest replica SIGKILLed, replaced (new client id, 2 replicas)",
+    "broker restart with the edge reconnecting first",
 )
 
 _ROWS: list[tuple[str, FaultRow]] = []
