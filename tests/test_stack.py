@@ -418,6 +418,14 @@ def test_stack_up_heals_what_was_killed_and_status_names_it(tmp_path: Path, caps
         assert "already running" in capsys.readouterr().out
         assert server_pids("mosquitto", again.mosquitto.needle) == [real]
         assert LocalStack.load(state).mosquitto.pid == real
+        data["mosquitto"]["pid"] = 999_999_999  # down, too, stops the broker on our files
+        again.state_file.write_text(json.dumps(data))
+        LocalStack.load(state).down(timeout_s=5)
+        assert server_pids("mosquitto", again.mosquitto.needle) == []
+        assert server_pids("weed", again.seaweedfs.needle) == []
+        assert main(["up", "--state-dir", str(state), "--timeout", "60"]) == 0
+        again = LocalStack.load(state)
+        real = again.mosquitto.pid
         # 4. both killed: up starts both again, with the same ports and data.
         _kill9(real)
         _kill9(again.seaweedfs.pid)

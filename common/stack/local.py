@@ -156,8 +156,16 @@ class LocalStack(MosquittoControl, SeaweedControl):
 
     def down(self, timeout_s: float = 30.0) -> float:
         """Stop both servers (SIGTERM to both at once; SIGKILL what still runs after
-        ``timeout_s``), remove SeaweedFS's leftover sockets. Returns the seconds it took."""
+        ``timeout_s``), remove SeaweedFS's leftover sockets. A server found running on this
+        stack's config or data under another PID than stack.json's is stopped too. Returns the
+        seconds it took."""
         t0 = time.monotonic()
+        for svc in (self.mosquitto, self.seaweedfs):
+            others = [] if svc.running() else svc.others()
+            if others:  # stack.json had a stale PID: stop the server that runs on our files
+                logger.warning("%s runs on %s as pid %d, not the pid %s in stack.json: stopping it",
+                               svc.name, svc.needle, others[0], svc.pid)
+                svc.pid, svc.proc = others[0], None
         self.mosquitto.signal(signal.SIGTERM)
         self.seaweedfs.signal(signal.SIGTERM)
         self.mosquitto.stop(signal.SIGTERM, timeout_s)
