@@ -168,6 +168,24 @@ class _PahoLogFilter(logging.Filter):
         return True
 
 
+def set_tcp_nodelay(sock: object) -> bool:
+    """Turn Nagle's algorithm off on ``sock`` (TCP_NODELAY); True if it is set.
+
+    paho writes a PUBLISH, PUBACK or SUBSCRIBE in one ``send`` but never sets TCP_NODELAY, so a
+    small packet sent while an earlier one is unacknowledged waits for the peer's delayed ACK
+    (40 ms on Linux): a frame's ack and a caption each paid it. Sockets that are not TCP (a
+    Unix socket, a WebSocket wrapper without ``setsockopt``) are left alone (False).
+    """
+    setsockopt = getattr(sock, "setsockopt", None)
+    if setsockopt is None:
+        return False
+    try:
+        setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:  # not a TCP socket
+        return False
+    return True
+
+
 paho_logger.addFilter(_PahoLogFilter())
 
 
@@ -276,6 +294,7 @@ class MqttClient:
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
         client.on_connect_fail = self._on_connect_fail
+        client.on_socket_open = self._on_socket_open
         client.enable_logger(paho_logger)
         self._client = client
 
@@ -573,6 +592,14 @@ class MqttClient:
                 )
             else:
                 logger.debug("mqtt %s: subscribed to %s (%s)", self.client_id, topic_filter, rc)
+
+    def _on_socket_open(self, client: mqtt.Client, userdata: object, sock: object) -> None:
+        """paho: a new connection's socket is open: no Nagle delay on our small packets."""
+        try:
+            if not set_tcp_nodelay(sock):
+                logger.debug("mqtt %s: TCP_NODELAY not set (not a TCP socket)", self.client_id)
+        except Exception:  # noqa: BLE001 - never break paho's loop
+            logger.exception("mqtt %s: error in socket-open handling", self.client_id)
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: object) -> None:
         """paho: a connection attempt failed at the socket (before any CONNACK)."""

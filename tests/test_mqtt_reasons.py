@@ -214,3 +214,32 @@ def test_an_edge_whose_user_is_not_its_device_keeps_refused_frames_and_counts_th
     assert not any("broker has it" in r.getMessage() for r in caplog.records)
     # resent on the schedule (0.5 s), not in a tight loop: about 2 sends a second per frame
     assert summary.publishes_refused <= 3 * (2 * summary.elapsed_s + 3)
+
+
+# -- latency: no Nagle delay (issue 9) ----------------------------------------------------------
+def test_set_tcp_nodelay_sets_it_on_tcp_and_leaves_other_sockets() -> None:
+    from common.mqtt import set_tcp_nodelay
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as tcp:
+        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        assert set_tcp_nodelay(tcp)
+        assert tcp.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        assert not set_tcp_nodelay(unix)
+    assert not set_tcp_nodelay(object())
+
+
+@pytest.mark.parametrize("tls", [False, True])
+def test_every_connection_to_the_broker_has_tcp_nodelay(stack_ns: Any, tls: bool) -> None:
+    """paho opens the socket; the wrapper turns Nagle off on it (plain and TLS), so a PUBACK or
+    a small caption is not held back for the peer's delayed ACK."""
+    client = MqttClient(stack_ns.mqtt_config("admin", tls=tls), stack_ns.client_id("nodelay"),
+                        clean_start=True)
+    client.start()
+    try:
+        assert client.wait_connected(10)
+        sock = client._client.socket()
+        assert sock is not None
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
+    finally:
+        client.stop()
