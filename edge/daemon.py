@@ -70,7 +70,10 @@ class EdgeSummary:
     ``frames_pending`` frames were left in the spool (not acked); ``drained`` is True when the
     source ended and every frame was acked; ``publishes_refused`` counts frame publishes the
     broker refused (MQTT v5 PUBACK failure, e.g. "not authorized": those frames stay in the
-    spool and are retried); ``error`` says why the run failed, if it did.
+    spool and are retried); ``caption_latency_p50_ms``/``_p95_ms`` are the median and 95th
+    percentile of capture -> caption back at the edge (``received_at - captured_at`` of the
+    captions this run received, milliseconds; None without captions); ``error`` says why the
+    run failed, if it did.
     """
 
     device_id: str
@@ -82,6 +85,8 @@ class EdgeSummary:
     elapsed_s: float = 0.0
     frames_pending: int = 0
     publishes_refused: int = 0  # publishes the broker refused (not delivered; frames kept)
+    caption_latency_p50_ms: float | None = None  # capture -> caption at the edge, median
+    caption_latency_p95_ms: float | None = None  # capture -> caption at the edge, 95th percentile
     drained: bool = False
     stopped: bool = False
     source_ended_early: bool = False  # a video file gave fewer frames than it announced
@@ -98,6 +103,9 @@ class EdgeSummary:
         """One JSON line with the counters (the keys of :data:`SUMMARY_KEYS` first)."""
         data = asdict(self)
         data["elapsed_s"] = round(self.elapsed_s, 3)
+        for key in ("caption_latency_p50_ms", "caption_latency_p95_ms"):
+            if data[key] is not None:
+                data[key] = round(data[key], 1)
         if data["error"] is None:
             del data["error"]
         return json.dumps(data)
@@ -154,6 +162,8 @@ class EdgeDaemon:
             s.frames_acked = self._publisher.stats.acked
             s.captions_received = self._publisher.stats.captions_received
             s.publishes_refused = self._publisher.stats.refused
+            s.caption_latency_p50_ms, s.caption_latency_p95_ms = (
+                self._publisher.caption_latency_ms())
         if self._started:
             s.elapsed_s = time.monotonic() - self._started
         return EdgeSummary(**asdict(s))

@@ -34,11 +34,17 @@ PUBACK goes to the broker only once its line is in ``captions_jsonl`` (flushed a
 ``on_caption``/printing are done. A kill in between means the broker delivers it again
 (persistent session) and the edge, which dedupes by frame_id only what it has written, writes
 it then. A failed write is retried every few seconds without acknowledging.
+
+Each line of ``captions_jsonl`` is the :class:`CaptionRecord` with ``received_at`` (UTC, when
+the caption's PUBLISH reached this process) beside its fields; :func:`parse_caption_line` reads
+one back. Capture -> caption latencies (``received_at - captured_at``) are kept for the run's
+p50/p95 (:meth:`FramePublisher.caption_latency_ms`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import queue
@@ -47,6 +53,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -66,6 +73,8 @@ OVERTAKEN_GRACE_S = 2.0  # resend a frame this long after a later frame was acke
 CAPTION_RETRY_MIN_S = 1.0  # first retry of a caption whose JSONL append failed, seconds
 CAPTION_RETRY_MAX_S = 30.0  # longest wait between such retries, seconds
 RECENT_CAPTIONS = 10_000  # frame_ids remembered to drop a caption delivered twice
+LATENCY_SAMPLES = 100_000  # capture -> caption latencies kept for the run's percentiles
+RECEIVED_AT = "received_at"  # the key a captions JSONL line adds to the CaptionRecord
 _QUEUED = (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)  # paho keeps QoS 1 messages on NO_CONN
 
 
@@ -104,6 +113,52 @@ def format_caption(record: CaptionRecord) -> str:
     when = record.captured_at.strftime("%H:%M:%S") if record.captured_at else "--:--:--"
     text = record.caption if record.caption else f"[no caption: {record.error or 'unknown'}]"
     return f"{when} {record.frame_id} {text}"
+
+
+def caption_line(record: CaptionRecord, received_at: datetime) -> str:
+    """One ``captions_jsonl`` line (no newline): the record's JSON with ``received_at`` (UTC,
+    ISO 8601 with ``Z``, as the record's own datetimes) added."""
+    data = json.loads(record.model_dump_json())
+    data[RECEIVED_AT] = _iso_utc(received_at)
+    return json.dumps(data, separators=(",", ":"))
+
+
+def parse_caption_line(line: str | bytes) -> tuple[CaptionRecord, datetime | None]:
+    """A ``captions_jsonl`` line back as ``(record, received_at)``; ``received_at`` is None in
+    lines written before it was recorded.
+
+    Raises:
+        MessageError: not JSON, not a caption record, or a bad ``received_at``.
+    """
+    try:
+        data = json.loads(line)
+    except ValueError as err:
+        raise MessageError(f"caption line is not JSON: {str(err)[:200]}") from err
+    if not isinstance(data, dict):
+        raise MessageError("caption line is not a JSON object")
+    raw = data.pop(RECEIVED_AT, None)
+    received_at = None
+    if raw is not None:
+        try:
+            received_at = datetime.fromisoformat(str(raw).replace("Z", "+00:00"))
+        except ValueError as err:
+            raise MessageError(f"bad received_at {str(raw)[:40]!r}") from err
+        if received_at.tzinfo is None:
+            raise MessageError(f"received_at {str(raw)[:40]!r} has no time zone")
+    return CaptionRecord.from_json(json.dumps(data)), received_at
+
+
+def _iso_utc(when: datetime) -> str:
+    return when.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The ``q`` quantile (0..1, nearest rank) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q * (len(ordered) - 1))))
+    return ordered[rank]
 
 
 class FramePublisher:
@@ -164,8 +219,10 @@ class FramePublisher:
         self._in_flight: dict[str, _InFlight] = {}
         self._mids: dict[int, str] = {}
         self.last_refusal: str | None = None  # the broker's reason for the last refused publish
-        # captions received but not yet written: frame_id -> (record, [(mid, qos)] to ack)
-        self._unwritten: OrderedDict[str, tuple[CaptionRecord, list[tuple[int, int]]]] = OrderedDict()
+        # captions received but not yet written: frame_id -> (record, received_at, [(mid, qos)])
+        self._unwritten: OrderedDict[
+            str, tuple[CaptionRecord, datetime, list[tuple[int, int]]]] = OrderedDict()
+        self._latencies_ms: list[float] = []  # capture -> caption, ms (at most LATENCY_SAMPLES)
         self._caption_retry_at = 0.0
         self._caption_retry_s = CAPTION_RETRY_MIN_S
         self._stop = threading.Event()
@@ -184,7 +241,8 @@ class FramePublisher:
         self.client.subscribe(self.topics.acks(device_id),
                               lambda m: self._events.put(("ack", (m.payload, m.mid, m.qos))))
         self.client.subscribe(self.topics.captions(device_id),
-                              lambda m: self._events.put(("caption", (m.payload, m.mid, m.qos))))
+                              lambda m: self._events.put(
+                                  ("caption", (m.payload, m.mid, m.qos, datetime.now(timezone.utc)))))
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -426,8 +484,12 @@ class FramePublisher:
                     and item.overtaken_at is None):
                 item.overtaken_at = now
 
-    def _handle_caption(self, payload: bytes, mid: int | None = None, qos: int = 0) -> None:
-        """Write (JSONL, print, hook) a received caption, then acknowledge it to the broker."""
+    def _handle_caption(self, payload: bytes, mid: int | None = None, qos: int = 0,
+                        received_at: datetime | None = None) -> None:
+        """Write (JSONL, print, hook) a received caption, then acknowledge it to the broker.
+
+        ``received_at``: when its PUBLISH arrived (UTC); now when None."""
+        received_at = received_at or datetime.now(timezone.utc)
         try:
             record = CaptionRecord.from_json(payload)
         except MessageError as err:
@@ -444,14 +506,16 @@ class FramePublisher:
         pending = self._unwritten.get(record.frame_id)
         if pending is not None:  # delivered again while its write is being retried
             if mid is not None:
-                pending[1].append((mid, qos))
+                pending[2].append((mid, qos))
             return
         if self._unwritten:  # writes are failing: queue behind the others, keep the order
-            self._unwritten[record.frame_id] = (record, [] if mid is None else [(mid, qos)])
+            self._unwritten[record.frame_id] = (record, received_at,
+                                                [] if mid is None else [(mid, qos)])
             return
         self._caption_retry_s = CAPTION_RETRY_MIN_S
-        if not self._write_caption(record):
-            self._unwritten[record.frame_id] = (record, [] if mid is None else [(mid, qos)])
+        if not self._write_caption(record, received_at):
+            self._unwritten[record.frame_id] = (record, received_at,
+                                                [] if mid is None else [(mid, qos)])
             self._caption_retry_at = time.monotonic() + self._caption_retry_s
             return
         self._ack(mid, qos)
@@ -459,8 +523,8 @@ class FramePublisher:
     def _retry_captions(self) -> None:
         """Write the captions whose append failed, oldest first; ack each once written."""
         while self._unwritten:
-            frame_id, (record, mids) = next(iter(self._unwritten.items()))
-            if not self._write_caption(record, retry=True):
+            frame_id, (record, received_at, mids) = next(iter(self._unwritten.items()))
+            if not self._write_caption(record, received_at, retry=True):
                 self._caption_retry_s = min(2 * self._caption_retry_s, CAPTION_RETRY_MAX_S)
                 self._caption_retry_at = time.monotonic() + self._caption_retry_s
                 return
@@ -469,11 +533,14 @@ class FramePublisher:
                 self._ack(mid, qos)
         logger.info("%s: captions are written to %s again", self.device_id, self.captions_jsonl)
 
-    def _write_caption(self, record: CaptionRecord, retry: bool = False) -> bool:
+    def _write_caption(self, record: CaptionRecord, received_at: datetime,
+                       retry: bool = False) -> bool:
         """Append to the JSONL, then count, print and hand on the caption; False (nothing else
         done) if the append failed."""
-        if self.captions_jsonl is not None and not self._append_jsonl(record, retry):
+        if self.captions_jsonl is not None and not self._append_jsonl(record, received_at, retry):
             return False
+        if record.captured_at is not None and len(self._latencies_ms) < LATENCY_SAMPLES:
+            self._latencies_ms.append((received_at - record.captured_at).total_seconds() * 1000)
         self._recent_captions[record.frame_id] = None
         if len(self._recent_captions) > RECENT_CAPTIONS:
             self._recent_captions.popitem(last=False)
@@ -483,7 +550,7 @@ class FramePublisher:
                 self._awaiting_caption.discard(record.frame_id)
             elif record.frame_id in self.spool:  # listed and captioned before its ack came
                 self._caption_before_ack.add(record.frame_id)
-        logger.info("%s: frame %s captioned: %r", self.device_id, record.frame_id, record.caption)
+        logger.debug("%s: frame %s captioned: %r", self.device_id, record.frame_id, record.caption)
         if self.print_captions:
             print(format_caption(record), flush=True)
         if self.on_caption is not None:
@@ -493,11 +560,11 @@ class FramePublisher:
                 logger.exception("%s: frame %s: on_caption hook failed", self.device_id, record.frame_id)
         return True
 
-    def _append_jsonl(self, record: CaptionRecord, retry: bool = False) -> bool:
+    def _append_jsonl(self, record: CaptionRecord, received_at: datetime, retry: bool = False) -> bool:
         """Append one line, flushed and fsynced; False (logged, a partial line cut off) if not."""
         assert self.captions_jsonl is not None
         try:
-            append_line(self.captions_jsonl, record.model_dump_json())
+            append_line(self.captions_jsonl, caption_line(record, received_at))
         except OSError as err:
             self.stats.caption_write_errors += 1
             log = logger.debug if retry else logger.error
@@ -506,6 +573,12 @@ class FramePublisher:
                 self._caption_retry_s)
             return False
         return True
+
+    def caption_latency_ms(self) -> tuple[float | None, float | None]:
+        """p50 and p95 of capture -> caption (``received_at - captured_at``), milliseconds, over
+        the captions written by this process (None before the first)."""
+        values = list(self._latencies_ms)
+        return percentile(values, 0.5), percentile(values, 0.95)
 
     def stats_dict(self) -> dict[str, int]:
         """The counters as a plain dict (for JSON)."""

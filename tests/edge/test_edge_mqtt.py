@@ -141,6 +141,10 @@ def test_daemon_drains_a_30_frame_clip_and_exits(tmp_path: Path, edge_broker: Br
     lines = (tmp_path / "captions.jsonl").read_text().splitlines()
     assert len(lines) == summary.captions_received
     assert json.loads(lines[0])["caption"].startswith("a street seen in frame")
+    assert "received_at" in json.loads(lines[0])
+    p50, p95 = summary.caption_latency_p50_ms, summary.caption_latency_p95_ms
+    assert p50 is not None and p95 is not None and 0 <= p50 <= p95
+    assert json.loads(summary.to_json())["caption_latency_p95_ms"] == round(p95, 1)
     assert _retained_status(edge_broker.port) == "offline"
 
 

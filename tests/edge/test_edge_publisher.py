@@ -11,7 +11,7 @@ import pytest
 
 from common.config import MqttConfig
 from common.messages import CaptionRecord, FrameAck, FrameMetadata
-from edge.publisher import FramePublisher, format_caption
+from edge.publisher import FramePublisher, format_caption, parse_caption_line, percentile
 from edge.spool import FrameSpool
 
 T = datetime(2026, 1, 31, 12, 34, 56, tzinfo=timezone.utc)
@@ -51,7 +51,35 @@ def test_captions_are_printed_written_and_bad_ones_counted(publisher: FramePubli
     publisher._handle_caption(json.dumps({"schema_version": 1, "frame_id": "../x"}).encode())
     assert capsys.readouterr().out == "12:34:56 f1 a man rides a bike\n"
     assert publisher.stats.captions_received == 1 and publisher.stats.captions_malformed == 2
-    assert [CaptionRecord.model_validate_json(x) for x in (tmp_path / "c.jsonl").read_text().splitlines()] == seen
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert [parse_caption_line(x)[0] for x in lines] == seen
+
+
+def test_each_caption_line_records_when_it_arrived_and_the_summary_has_its_latency(
+    publisher: FramePublisher, tmp_path: Path
+) -> None:
+    """Issue 9: received_at (UTC) beside each caption; p50/p95 of capture -> caption."""
+    from datetime import timedelta
+
+    for i, delay_ms in enumerate([100, 120, 140, 900]):
+        arrived = T + timedelta(milliseconds=delay_ms)
+        publisher._handle_caption(_caption(f"f{i + 2}").to_json(), received_at=arrived)
+    lines = (tmp_path / "c.jsonl").read_text().splitlines()
+    assert json.loads(lines[0])["received_at"] == "2026-01-31T12:34:56.100000Z"
+    record, received_at = parse_caption_line(lines[3])
+    assert record.frame_id == "f5" and received_at == T + timedelta(milliseconds=900)
+    assert received_at is not None and received_at.tzinfo is not None
+    p50, p95 = publisher.caption_latency_ms()
+    assert p50 == pytest.approx(140.0, abs=20.1) and p95 == pytest.approx(900.0)
+    # a caption without a time (from before) still reads
+    old = _caption("f9").model_dump_json()
+    assert parse_caption_line(old) == (_caption("f9"), None)
+
+
+def test_percentile_nearest_rank() -> None:
+    assert percentile([], 0.5) is None
+    assert percentile([3.0, 1.0, 2.0], 0.5) == 2.0
+    assert percentile([float(i) for i in range(101)], 0.95) == 95.0
 
 
 def test_format_caption_of_an_error_record() -> None:
