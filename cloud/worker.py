@@ -6,8 +6,15 @@ low latency), and a listing of ``frames/`` at start and every ``list_interval_s`
 missed after a restart, and objects put by other tools are captioned too). A frame whose
 ``captions/...json`` exists is skipped; a key already queued or in a batch is not queued twice.
 
-One thread batches keys (at most ``batch_size``, waiting at most ``max_wait_s`` after the
-first) through ``Captioner.caption_images`` (batched beam search). Each frame's record goes to
+Three stages overlap, so the model never waits on S3 (issue 9): a pool of ``io_threads``
+threads fetches frames (caption exists? get, decode, outbox marker) ahead of the model, at most
+``prefetch`` frames ahead; the batch thread runs ``Captioner.caption_images`` (batched beam
+search) on what is fetched; a writer thread writes and publishes the previous batch's records
+(on the same pool) while the model runs the next. Batches are adaptive, as Triton's dynamic
+batcher: an idle model takes a frame at once; frames that arrive while it is busy make the next
+batch (at most ``batch_size``). After the first frame it waits (at most ``max_wait_s``) only
+while more frames are being fetched, e.g. a burst of acks: a lone frame never waits.
+Each frame's record goes to
 ``captions/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.json`` with ``If-None-Match: *`` (two
 replicas never both write it) and, only if this worker wrote it, on
 ``{prefix}/{device_id}/captions`` at QoS 1. A corrupt or non-image object, or a key whose
@@ -36,7 +43,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Protocol
@@ -66,6 +74,8 @@ from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_k
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
+IO_THREADS = 8  # S3 requests of different frames in flight at once
+POLL_S = 0.2  # how often idle threads look at the stop event, seconds
 
 
 class CaptionerLike(Protocol):
@@ -107,6 +117,7 @@ class _Job:
     error: str | None = None
     caption: str = ""
     score: float | None = None
+    marker: str | None = None  # its outbox marker, once written
 
 
 def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
@@ -126,6 +137,9 @@ class CaptionWorker(CloudService):
         store: the object store (tests pass a fake); opened from ``config.s3`` when None.
         client_id: MQTT client_id; default ``config.mqtt.client_id``, else
             ``framecap-worker-{hostname}``.
+        io_threads: S3 requests (of different frames) in flight at once.
+        prefetch: most frames fetched (or being fetched) ahead of the model; default twice
+            ``config.batch_size``.
 
     Attributes:
         counters: (property) a snapshot: ``captioned``, ``errors``, ``skipped``,
@@ -139,7 +153,11 @@ class CaptionWorker(CloudService):
         *,
         store: ObjectStore | None = None,
         client_id: str | None = None,
+        io_threads: int = IO_THREADS,
+        prefetch: int | None = None,
     ) -> None:
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         super().__init__(
             "worker",
             config.mqtt,
@@ -156,6 +174,15 @@ class CaptionWorker(CloudService):
         self._bad_keys: set[str] = set()
         self._threads: list[threading.Thread] = []
         self._outbox = CaptionOutbox(self.client_id)
+        self._io_threads = io_threads
+        self._pools: dict[str, ThreadPoolExecutor] = {}  # "fetch" and "write"
+        self._io_lock = threading.Lock()
+        self._prefetch = max(1, prefetch if prefetch is not None else 2 * config.batch_size)
+        self._slots = threading.Semaphore(self._prefetch)  # frames fetched ahead of the model
+        self._fetching = 0  # frames being fetched now (under self._lock)
+        self._ready: queue.Queue[_Job] = queue.Queue()  # fetched, waiting for the model
+        self._to_write: queue.Queue[list[_Job] | None] = queue.Queue()  # captioned batches
+        self._open_markers: set[str] = set()  # written, record not yet written and published
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, mqtt_enabled: bool = True) -> None:
@@ -174,7 +201,9 @@ class CaptionWorker(CloudService):
             self._store = open_store(self.config.s3, "worker")
         self._stop.clear()
         self._threads = [
+            threading.Thread(target=self._feed_loop, name="worker-fetch", daemon=True),
             threading.Thread(target=self._batch_loop, name="worker-batches", daemon=True),
+            threading.Thread(target=self._write_loop, name="worker-writes", daemon=True),
             threading.Thread(target=self._list_loop, name="worker-lister", daemon=True),
         ]
         for thread in self._threads:
@@ -187,12 +216,15 @@ class CaptionWorker(CloudService):
             client.start()
             self._client = client
         logger.info(
-            "worker %s: started (model %s, bucket %s, batch %d, max wait %.2f s)",
+            "worker %s: started (model %s, bucket %s, batch %d, max wait %.2f s while frames are "
+            "being fetched, %d S3 threads, prefetch %d)",
             self.client_id,
             self.captioner.name,
             self.config.s3.bucket,
             self.config.batch_size,
             self.config.max_wait_s,
+            self._io_threads,
+            self._prefetch,
         )
 
     def stop(self, timeout: float = 30.0) -> None:
@@ -201,10 +233,41 @@ class CaptionWorker(CloudService):
         listing of any replica."""
         if isinstance(self._client, ShareGroupClient) and self._client.is_connected:
             self._client.leave(self._acks_filter, timeout_s=min(2.0, timeout / 2))
+        deadline = time.monotonic() + timeout
         self._stop.set()
+        writer = None
         for thread in self._threads:
-            thread.join(timeout)
+            if thread.name == "worker-writes":
+                writer = thread
+                continue
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._to_write.put(None)  # after the last batch: the writer ends there
+        if writer is not None:
+            writer.join(max(0.0, deadline - time.monotonic()))
+        self._drop_fetched()
+        with self._io_lock:
+            pools, self._pools = self._pools, {}
+        for pool in pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
         self._disconnect()
+
+    def _drop_fetched(self) -> None:
+        """On stop: forget frames fetched and not captioned; delete their outbox markers (best
+        effort: a marker left behind is removed by a later listing, as its record is absent)."""
+        while True:
+            try:
+                job = self._ready.get_nowait()
+            except queue.Empty:
+                return
+            with self._lock:
+                self._pending.discard(job.key)
+            if job.marker is not None and self._store is not None:
+                try:
+                    self._store.delete(job.marker)
+                except StorageError as err:
+                    logger.debug("worker: marker %s not deleted at stop: %s", job.marker, err)
+                with self._lock:
+                    self._open_markers.discard(job.marker)
 
     @property
     def backlog(self) -> int:
@@ -294,8 +357,14 @@ class CaptionWorker(CloudService):
         self._outbox.clear(self._require_store())
 
     def _republish_outbox(self, store: ObjectStore) -> None:
-        """Republish records whose publish was never acknowledged (see cloud/outbox.py)."""
-        for marker in self._outbox.due(set(store.list_keys(OUTBOX_PREFIX))):
+        """Republish records whose publish was never acknowledged (see cloud/outbox.py).
+
+        Markers of frames this worker is captioning now (written, record not yet published)
+        are not due: their record may not exist yet."""
+        listed = set(store.list_keys(OUTBOX_PREFIX))
+        with self._lock:
+            listed -= self._open_markers
+        for marker in self._outbox.due(listed):
             caption_key = caption_key_of(marker)
             if not caption_key:
                 logger.error("worker: outbox marker %r names no caption; dropping it", marker[:300])
@@ -347,59 +416,184 @@ class CaptionWorker(CloudService):
                 wait = self.config.list_interval_s
             self._stop.wait(wait)
 
-    # -- batches ---------------------------------------------------------------------------
-    def _next_batch(self) -> list[str]:
-        """Up to batch_size keys: block for the first (0.2 s slices), then max_wait_s more."""
+    # -- the pipeline: fetch -> model -> write ---------------------------------------------------
+    def _pool(self, stage: str) -> ThreadPoolExecutor:
+        """The S3 thread pool of ``stage`` (``fetch`` or ``write``; one each, so writes never
+        queue behind prefetches)."""
+        with self._io_lock:
+            pool = self._pools.get(stage)
+            if pool is None:
+                pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix=f"worker-{stage}")
+                self._pools[stage] = pool
+            return pool
+
+    def _feed_loop(self) -> None:
+        """Fetch queued keys on the pool, at most ``prefetch`` ahead of the model."""
+        while not self._stop.is_set():
+            try:
+                key = self._queue.get(timeout=POLL_S)
+            except queue.Empty:
+                continue
+            while not self._slots.acquire(timeout=POLL_S):
+                if self._stop.is_set():
+                    with self._lock:
+                        self._pending.discard(key)
+                    return
+            with self._lock:
+                self._fetching += 1
+            try:
+                self._pool("fetch").submit(self._fetch, key)
+            except RuntimeError:  # the pool is shut down: stopping
+                with self._lock:
+                    self._fetching -= 1
+                    self._pending.discard(key)
+                self._slots.release()
+                return
+
+    def _fetch(self, key: str) -> None:
+        """Pool thread: prepare one frame for the model; hand it on, or let the key go."""
+        job = None
         try:
-            keys = [self._queue.get(timeout=0.2)]
+            job = self._prepare(key)
+        except Stopping:
+            pass
+        except Exception:  # noqa: BLE001 - one bad frame must never stop the worker
+            logger.exception("worker: fetching %s failed; the next listing retries it", key[:300])
+        finally:
+            if job is not None:
+                self._ready.put(job)
+            with self._lock:
+                self._fetching -= 1
+                if job is None:
+                    self._pending.discard(key)
+            if job is None:
+                self._slots.release()
+
+    def _next_batch(self) -> list[_Job]:
+        """Fetched frames for the model (at most ``batch_size``): block for the first (in
+        POLL_S slices), take what else is fetched, and wait (at most ``max_wait_s`` after the
+        first) only while more frames are being fetched or queued."""
+        try:
+            jobs = [self._ready.get(timeout=POLL_S)]
         except queue.Empty:
             return []
         deadline = time.monotonic() + self.config.max_wait_s
-        while len(keys) < self.config.batch_size:
-            left = deadline - time.monotonic()
+        while len(jobs) < self.config.batch_size:
             try:
-                keys.append(self._queue.get(timeout=left) if left > 0 else self._queue.get_nowait())
+                jobs.append(self._ready.get_nowait())
+                continue
             except queue.Empty:
+                pass
+            left = deadline - time.monotonic()
+            with self._lock:
+                coming = self._fetching > 0
+            if left <= 0 or not (coming or not self._queue.empty()):
                 break
-        return keys
+            try:
+                jobs.append(self._ready.get(timeout=min(left, 0.02)))
+            except queue.Empty:
+                continue
+        return jobs
 
     def _batch_loop(self) -> None:
+        """Run the model on fetched frames; hand each batch to the writer."""
         while not self._stop.is_set():
-            keys = self._next_batch()
-            try:
-                self._clear_outbox()
-            except Exception:  # noqa: BLE001 - markers left behind only repeat a caption
-                logger.exception("worker: clearing the outbox failed")
-            if not keys:
+            jobs = self._next_batch()
+            if not jobs:
                 continue
+            for _ in jobs:
+                self._slots.release()
             try:
-                self.process_batch(keys)
+                ready = [job for job in jobs if job.image is not None]
+                if ready:
+                    self._caption(ready)
+            except Exception:  # noqa: BLE001 - _caption isolates the model; this is a bug
+                logger.exception("worker: batch of %d failed", len(jobs))
+            for job in jobs:
+                job.image = None  # the pixels are not needed any more
+            self._to_write.put(jobs)
+
+    def _write_loop(self) -> None:
+        """Write and publish the records of captioned batches; delete acknowledged markers."""
+        while True:
+            try:
+                jobs = self._to_write.get(timeout=POLL_S)
+            except queue.Empty:
+                jobs = []
+            if jobs is None:
+                return
+            try:
+                if jobs:
+                    self._write_batch(jobs)
+                else:
+                    self._clear_outbox()
             except Stopping:
                 return
             except Exception:  # noqa: BLE001 - one bad batch must never stop the worker
                 logger.exception(
-                    "worker: batch of %d failed; the next listing retries it", len(keys)
+                    "worker: writing a batch of %d failed; the next listing retries it", len(jobs)
                 )
             finally:
                 with self._lock:
-                    self._pending.difference_update(keys)
+                    self._pending.difference_update(job.key for job in jobs or [])
 
-    def process_batch(self, keys: Sequence[str]) -> None:
-        """Caption ``keys`` (``frames/...``) and write and publish their records.
+    def _on_pool(self, stage: str, call: Callable[[str], _Job | None] | Callable[[_Job], None],
+                 items: Sequence[object]) -> list[object]:
+        """``call`` on each item on ``stage``'s pool (one item: on this thread); results in
+        order.
+
+        Raises:
+            whatever a call raised (the first, in order), after all have ended.
+        """
+        if len(items) == 1:
+            return [call(items[0])]  # type: ignore[arg-type]
+        futures: list[Future[object]] = [
+            self._pool(stage).submit(call, item) for item in items  # type: ignore[arg-type]
+        ]
+        errors = [f.exception() for f in futures]
+        for error in errors:
+            if error is not None:
+                raise error
+        return [f.result() for f in futures]
+
+    def _write_batch(self, jobs: Sequence[_Job]) -> None:
+        """Write and publish the jobs' records (in parallel), then wait briefly for the PUBACKs
+        so their markers go now.
 
         Raises:
             Stopping: :meth:`stop` was called while S3 was down.
         """
-        jobs = [job for job in (self._prepare(key) for key in keys) if job is not None]
-        ready = [job for job in jobs if job.image is not None]
-        if ready:
-            self._caption(ready)
-        for job in jobs:
-            self._finish(job)
+        self._on_pool("write", self._finish, jobs)
         self._await_pubacks(2.0)
         self._clear_outbox()
 
+    def process_batch(self, keys: Sequence[str]) -> None:
+        """Caption ``keys`` (``frames/...``) and write and publish their records, in the
+        calling thread (the S3 requests of different frames in parallel).
+
+        Raises:
+            Stopping: :meth:`stop` was called while S3 was down.
+        """
+        prepared = self._on_pool("fetch", self._prepare, keys)
+        jobs = [job for job in prepared if isinstance(job, _Job)]
+        ready = [job for job in jobs if job.image is not None]
+        if ready:
+            self._caption(ready)
+        self._write_batch(jobs)
+
     def _prepare(self, key: str) -> _Job | None:
+        """Parse, check and fetch one frame and write its outbox marker; None when there is
+        nothing to do."""
+        job = self._fetch_frame(key)
+        if job is not None:
+            marker = self._outbox.marker(job.frame.caption_key)
+            with self._lock:  # before the put: a listing meanwhile must not take it as due
+                self._open_markers.add(marker)
+            self._s3(lambda s: s.put(marker, b""), f"writing {marker}")
+            job.marker = marker
+        return job
+
+    def _fetch_frame(self, key: str) -> _Job | None:
         """Parse, check and fetch one frame; None when there is nothing to do."""
         try:
             frame = parse_frame_key(key, check_date=False)
@@ -483,8 +677,11 @@ class CaptionWorker(CloudService):
             error=error,
         )
         body = record.to_json()
-        marker = self._outbox.marker(frame.caption_key)
-        self._s3(lambda s: s.put(marker, b""), f"writing {marker}")
+        marker = job.marker or self._outbox.marker(frame.caption_key)
+        if job.marker is None:
+            with self._lock:
+                self._open_markers.add(marker)
+            self._s3(lambda s: s.put(marker, b""), f"writing {marker}")
         created = self._s3(
             lambda s: s.put_if_absent(frame.caption_key, body, content_type=JSON_CONTENT_TYPE),
             f"writing {frame.caption_key}",
@@ -494,6 +691,8 @@ class CaptionWorker(CloudService):
         metrics.WORKER_FRAMES.labels(result).inc()
         if not created:
             self._s3(lambda s: s.delete(marker), f"deleting {marker}")
+            with self._lock:
+                self._open_markers.discard(marker)
             logger.info(
                 "worker: frame %s of device %s: caption already written",
                 frame.frame_id,
@@ -517,6 +716,8 @@ class CaptionWorker(CloudService):
                 record.score,
             )
         self._publish_caption(frame.device_id, body, marker)
+        with self._lock:  # the outbox tracks it from here
+            self._open_markers.discard(marker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -112,15 +112,103 @@ def test_scan_queues_each_missing_frame_once() -> None:
     assert worker.backlog == 2
 
 
-def test_batches_fill_up_to_batch_size_within_max_wait() -> None:
-    worker, store, _ = make_worker(batch_size=4, max_wait_s=0.2)
-    for i in range(6):
-        worker.request(f"frames/cam1/2026/01/31/f{i}.jpg")
-    assert len(worker._next_batch()) == 4
+def _ready(worker: CaptionWorker, n: int, start: int = 0) -> None:
+    """Put ``n`` fetched frames in front of the model (what the fetch stage does)."""
+    from cloud.worker import _Job
+    from common.topics import parse_frame_key
+
+    for i in range(start, start + n):
+        key = f"frames/cam1/2026/01/31/f{i}.jpg"
+        worker._ready.put(_Job(key, parse_frame_key(key)))
+
+
+def test_an_idle_model_takes_a_lone_frame_at_once_despite_max_wait() -> None:
+    """Issue 9: adaptive batching; max_wait_s 0.5 cost a lone frame 0.5 s before."""
+    worker, _, _ = make_worker(batch_size=4, max_wait_s=0.5)
+    _ready(worker, 1)
     started = time.monotonic()
-    assert len(worker._next_batch()) == 2
-    assert time.monotonic() - started >= 0.15  # waited for more
+    assert len(worker._next_batch()) == 1
+    assert time.monotonic() - started < 0.1
     assert worker._next_batch() == []
+
+
+def test_a_batch_takes_what_was_fetched_meanwhile_up_to_batch_size() -> None:
+    worker, _, _ = make_worker(batch_size=4, max_wait_s=0.5)
+    _ready(worker, 6)
+    started = time.monotonic()
+    assert len(worker._next_batch()) == 4
+    assert len(worker._next_batch()) == 2
+    assert time.monotonic() - started < 0.1  # nothing being fetched: no wait
+
+
+def test_a_batch_waits_for_frames_being_fetched_at_most_max_wait() -> None:
+    import threading
+
+    worker, _, _ = make_worker(batch_size=4, max_wait_s=0.3)
+    _ready(worker, 1)
+    with worker._lock:
+        worker._fetching = 2  # two frames on their way
+    def arrive() -> None:
+        time.sleep(0.05)
+        _ready(worker, 1, start=1)
+    threading.Thread(target=arrive).start()
+    started = time.monotonic()
+    assert len(worker._next_batch()) == 2  # waited for the fetched one, then for max_wait
+    waited = time.monotonic() - started
+    assert 0.25 <= waited < 1.0
+
+
+def test_the_model_runs_while_the_previous_batch_is_written() -> None:
+    """Issue 9: S3 writes of one batch overlap the model's next batch."""
+    import threading
+
+    release = threading.Event()
+    writing = threading.Event()
+
+    class SlowStore(FakeStore):
+        def put_if_absent(self, key, body, **kw):  # type: ignore[no-untyped-def]
+            writing.set()
+            release.wait(5)
+            return super().put_if_absent(key, body, **kw)
+
+    captioner = FakeCaptioner()
+    store = SlowStore()
+    worker = CaptionWorker(WorkerConfig(batch_size=1, list_interval_s=60), captioner, store=store,
+                           client_id="test-worker")
+    keys = [f"frames/cam1/2026/01/31/f{i}.jpg" for i in range(3)]
+    for key in keys:
+        put_frame(store, key)
+    worker.start(mqtt_enabled=False)
+    try:
+        for key in keys:
+            worker.request(key)
+        assert writing.wait(5)
+        deadline = time.monotonic() + 5
+        while len(captioner.batches) < 2 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert len(captioner.batches) >= 2  # the second batch ran while the first is written
+        release.set()
+        while worker.counters.get("captioned", 0) < 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert worker.counters.get("captioned") == 3
+    finally:
+        release.set()
+        worker.stop()
+    assert not [k for k in store.objects if k.startswith("outbox/")]
+
+
+def test_a_listing_never_takes_the_marker_of_a_frame_being_captioned() -> None:
+    """The marker is written before the model runs; a listing then must not republish it
+    (its record does not exist yet) nor delete it."""
+    worker, store, client = make_worker()
+    put_frame(store)
+    job = worker._prepare(FRAME)
+    assert job is not None and job.marker is not None and job.marker in store.objects
+    worker.scan()  # the first listing: own markers would be due
+    assert job.marker in store.objects and client.published() == []
+    worker._caption([job])
+    worker._write_batch([job])
+    assert record(store).caption and len(client.published()) == 1
 
 
 def test_the_model_gets_one_batch_and_a_failing_image_gets_an_error_record() -> None:
@@ -192,7 +280,7 @@ def test_a_frame_ack_queues_its_key_and_garbage_is_ignored() -> None:
     worker._on_ack(_Message(ack.to_json()))
     worker._on_ack(_Message(ack.to_json()))  # twice: queued once
     assert worker.backlog == 1 and worker.counters["notified"] == 2
-    assert worker._next_batch() == [FRAME]
+    assert worker._queue.get_nowait() == FRAME
 
 
 def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
