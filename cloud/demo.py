@@ -125,11 +125,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
           f"bucket {stack.bucket}", flush=True)
     services: list[Service] = []
     try:
-        ingest = IngestService(IngestConfig(mqtt=stack.mqtt_config("ingest"), s3=stack.s3_config()))
+        ingest = IngestService(IngestConfig(mqtt=stack.mqtt_config("ingest"), s3=stack.s3_config(role="ingest")))
         ingest.start()
         services.append(ingest)
         worker = CaptionWorker(WorkerConfig(
-            mqtt=stack.mqtt_config("worker"), s3=stack.s3_config(), model=args.model,
+            mqtt=stack.mqtt_config("worker"), s3=stack.s3_config(role="worker"), model=args.model,
             beam_size=args.beam_size, batch_size=8, max_wait_s=0.5, list_interval_s=10.0))
         print("loading the caption model ...", flush=True)
         worker.start()
@@ -189,7 +189,7 @@ def _start_web(stack: LocalStack, state: Path, args: argparse.Namespace) -> tupl
     password = secrets.token_urlsafe(12)
     add_user(web_state / "accounts.yaml", "demo", password, "admin")
     port = args.web_port if args.web_port and port_is_free(args.web_port) else 0
-    config = WebConfig(mqtt=stack.mqtt_config("web"), s3=stack.s3_config(), host="127.0.0.1", port=port,
+    config = WebConfig(mqtt=stack.mqtt_config("web"), s3=stack.s3_config(role="web"), host="127.0.0.1", port=port,
                        state_dir=web_state, model=args.model, widening=args.serve)
     server = WebServer(config, log_level="info" if args.verbose else "warning")
     server.start()

@@ -39,7 +39,7 @@ def captioner():  # type: ignore[no-untyped-def]
 @pytest.fixture
 def ingest(stack_ns) -> Iterator[IngestService]:  # type: ignore[no-untyped-def]
     service = IngestService(
-        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
         client_id=stack_ns.client_id("ingest"),
     )
     service.start()
@@ -52,7 +52,7 @@ def ingest(stack_ns) -> Iterator[IngestService]:  # type: ignore[no-untyped-def]
 def worker(stack_ns, captioner) -> Iterator[CaptionWorker]:  # type: ignore[no-untyped-def]
     service = CaptionWorker(
         WorkerConfig(
-            mqtt=stack_ns.mqtt_config("worker"), s3=stack_ns.s3_config(),
+            mqtt=stack_ns.mqtt_config("worker"), s3=stack_ns.s3_config(role="worker"),
             batch_size=8, max_wait_s=0.3, list_interval_s=5.0,
         ),
         captioner=captioner,
@@ -179,7 +179,7 @@ def test_edge_restarted_with_unacked_frames_delivers_them(
     assert stored_frames(stack_ns, device_id) == {}
 
     service = IngestService(
-        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
         client_id=stack_ns.client_id("ingest"),
     )
     service.start()

@@ -199,7 +199,7 @@ def site(ns: Any, pipeline: dict[str, str], shared_dir: Path,
     add_user(state / "accounts.yaml", "alice", "alice-password", "admin")
     add_user(state / "accounts.yaml", "victor", "victor-password", "viewer", [street])
     env = {k: v for k, v in os.environ.items() if not k.startswith("FRAMECAP_")}
-    env.update(ns.stack.env("web"))
+    env.update(ns.stack.env("web", bucket=ns.bucket))
     env["FRAMECAP_WEBHOOK_SECRET"] = WEBHOOK_SECRET
     env["PYTHONUNBUFFERED"] = "1"
     web = WebProcess(ns, state, env)

@@ -169,14 +169,14 @@ class Pipeline:
 
     # -- in-process services ---------------------------------------------------------------
     def start_ingest(self) -> IngestService:
-        config = IngestConfig(mqtt=self.ns.mqtt_config("ingest"), s3=self.ns.s3_config())
+        config = IngestConfig(mqtt=self.ns.mqtt_config("ingest"), s3=self.ns.s3_config(role="ingest"))
         self.ingest = IngestService(config, client_id=self._ingest_id)
         self.ingest.start()
         assert self.ingest.wait_connected(10)
         return self.ingest
 
     def start_worker(self) -> CaptionWorker:
-        config = WorkerConfig(mqtt=self.ns.mqtt_config("worker"), s3=self.ns.s3_config(),
+        config = WorkerConfig(mqtt=self.ns.mqtt_config("worker"), s3=self.ns.s3_config(role="worker"),
                               batch_size=8, max_wait_s=0.2, list_interval_s=5.0)
         self.worker = CaptionWorker(config, self.captioner, client_id=self._worker_id)
         self.worker.start()
@@ -192,7 +192,8 @@ class Pipeline:
     # -- subprocesses ----------------------------------------------------------------------
     def env(self, user: str) -> dict[str, str]:
         """Secrets for a child process (MQTT password of ``user``, S3 keys); never printed."""
-        key_id, secret = self.stack.s3_credentials()
+        self.stack.grant_bucket(self.ns.ensure_bucket())
+        key_id, secret = self.stack.s3_credentials(user if user in ("ingest", "worker", "web") else "admin")
         return {"FRAMECAP_MQTT_PASSWORD": self.stack.password(user),
                 "FRAMECAP_S3_ACCESS_KEY_ID": key_id, "FRAMECAP_S3_SECRET_ACCESS_KEY": secret}
 

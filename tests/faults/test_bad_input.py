@@ -64,7 +64,7 @@ def test_escaping_ids_are_refused_at_the_ingest_with_device_frame_and_reason(
     """Escaping ids in the metadata (a device's own topic) and in the topic's device level
     (an account allowed to publish anywhere, as a misconfigured ACL would allow)."""
     caplog.set_level(logging.WARNING, logger="cloud.ingest")
-    service = IngestService(IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+    service = IngestService(IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
                             client_id=stack_ns.client_id("ingest"))
     service.start()
     admin = MqttClient(stack_ns.mqtt_config("admin"), stack_ns.client_id("admin"), clean_start=True)
@@ -142,7 +142,7 @@ def test_a_video_that_stops_mid_file_delivers_what_it_had(
 ) -> None:
     clip = _truncated_copy(tmp_path / "cut.avi", 40)
     device_id = stack_ns.device("cut")
-    service = IngestService(IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config()),
+    service = IngestService(IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
                             client_id=stack_ns.client_id("ingest"))
     service.start()
     caplog.set_level(logging.INFO, logger="edge.capture")

@@ -33,7 +33,7 @@ class SilentBroker:
 
 
 def _worker(stack_ns: Any, client: SilentBroker) -> CaptionWorker:
-    config = WorkerConfig(mqtt=stack_ns.mqtt_config("worker"), s3=stack_ns.s3_config())
+    config = WorkerConfig(mqtt=stack_ns.mqtt_config("worker"), s3=stack_ns.s3_config(role="worker"))
     worker = CaptionWorker(config, FakeCaptioner(), store=stack_ns.storage(),
                            client_id="worker-outbox-test")
     worker._client = client  # type: ignore[assignment]

@@ -383,7 +383,7 @@ def test_a_caption_from_the_worker_raises_an_alert_the_device_and_webhook_receiv
     t = stack_ns.topics
     hook = receiver()
     sqlite_index.save_rule(rule("trucks", "truck", name="Trucks", devices=(cam, other), webhook_url=hook.url))
-    config = WebConfig(mqtt=stack_ns.mqtt_config("web"), s3=stack_ns.s3_config(), state_dir=tmp_path,
+    config = WebConfig(mqtt=stack_ns.mqtt_config("web"), s3=stack_ns.s3_config(role="web"), state_dir=tmp_path,
                        public_url="https://cams.example.org")
     feed = CaptionFeed(config, sqlite_index, s3_probe_interval_s=0)
     alerts = AlertManager(sqlite_index, feed.client, feed.topics, webhook_secret=SECRET,

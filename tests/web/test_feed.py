@@ -71,7 +71,7 @@ def sqlite_index(tmp_path: Path) -> Iterator[CaptionIndex]:
 
 
 def web_config(stack_ns: Any, tmp_path: Path, **fields: Any) -> WebConfig:
-    return WebConfig(mqtt=stack_ns.mqtt_config("web"), s3=stack_ns.s3_config(), state_dir=tmp_path,
+    return WebConfig(mqtt=stack_ns.mqtt_config("web"), s3=stack_ns.s3_config(role="web"), state_dir=tmp_path,
                      **fields)
 
 

@@ -32,7 +32,7 @@ def replicas(stack_ns: Any, pg_url: str, tmp_path: Path) -> Iterator[list[WebSer
         state = tmp_path / f"web{n}"
         add_user(state / "accounts.yaml", "alice", "alice-password", "admin")
         config = WebConfig(mqtt=stack_ns.mqtt_config("web", client_id=stack_ns.client_id(f"web{n}")),
-                           s3=stack_ns.s3_config(), host="127.0.0.1", port=0, state_dir=state,
+                           s3=stack_ns.s3_config(role="web"), host="127.0.0.1", port=0, state_dir=state,
                            index=pg_url, widening=False, reindex_at_start=False)
         server = WebServer(config, log_level="warning")
         server.start()

@@ -170,7 +170,7 @@ def test_reindex_command_rebuilds_from_s3_and_prints_counts(
         r = record("cam1", f"f{i}", "a dog on a beach", T0 + timedelta(minutes=i))
         store.put(r.caption_key, r.to_json())
     store.put(caption_key("cam1", "bad", T0), b"{")
-    for name, value in stack_ns.stack.env("web").items():
+    for name, value in stack_ns.stack.env("web", bucket=stack_ns.bucket).items():
         monkeypatch.setenv(name, value)
     index = tmp_path / "idx.sqlite3"
     assert main(["reindex", "--bucket", stack_ns.bucket, "--index", str(index), "--no-progress"]) == 0
@@ -213,7 +213,7 @@ def test_serve_runs_the_feed_and_api_and_stops_cleanly_on_sigterm(
     state = tmp_path / "state"
     monkeypatch.setattr(sys, "stdin", io.StringIO("pw-for-tests\n"))
     assert main(["add-user", "boss", "--role", "admin", "--password-stdin", "--state-dir", str(state)]) == 0
-    env = {**os.environ, **stack_ns.stack.env("web"), "FRAMECAP_WEB_SESSION_SECRET": "x" * 40}
+    env = {**os.environ, **stack_ns.stack.env("web", bucket=stack_ns.bucket), "FRAMECAP_WEB_SESSION_SECRET": "x" * 40}
     proc = subprocess.Popen(
         [sys.executable, "-m", "common.cli", "web", "--port", "0", "--state-dir", str(state),
          "--topic-prefix", stack_ns.prefix, "--bucket", stack_ns.bucket, "--no-widening"],
