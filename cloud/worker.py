@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import paho.mqtt.client as mqtt
@@ -118,6 +118,15 @@ class _Job:
     caption: str = ""
     score: float | None = None
     marker: str | None = None  # its outbox marker, once written
+
+
+def _results(futures: Sequence[Future[Any]]) -> list[Any]:
+    """The futures' results in order, once all have ended; raises the first one's exception."""
+    errors = [future.exception() for future in futures]
+    for error in errors:
+        if error is not None:
+            raise error
+    return [future.result() for future in futures]
 
 
 def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
@@ -418,12 +427,14 @@ class CaptionWorker(CloudService):
 
     # -- the pipeline: fetch -> model -> write ---------------------------------------------------
     def _pool(self, stage: str) -> ThreadPoolExecutor:
-        """The S3 thread pool of ``stage`` (``fetch`` or ``write``; one each, so writes never
-        queue behind prefetches)."""
+        """The S3 thread pool of ``stage``: ``fetch`` (frames), ``aux`` (the requests of one
+        frame a fetch sends at once) or ``write`` (records); one each, so writes never queue
+        behind prefetches and a fetch never waits for a thread of its own pool."""
         with self._io_lock:
             pool = self._pools.get(stage)
             if pool is None:
-                pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix=f"worker-{stage}")
+                size = 2 * self._io_threads if stage == "aux" else self._io_threads
+                pool = ThreadPoolExecutor(size, thread_name_prefix=f"worker-{stage}")
                 self._pools[stage] = pool
             return pool
 
@@ -547,14 +558,10 @@ class CaptionWorker(CloudService):
         """
         if len(items) == 1:
             return [call(items[0])]  # type: ignore[arg-type]
-        futures: list[Future[object]] = [
+        futures: list[Future[Any]] = [
             self._pool(stage).submit(call, item) for item in items  # type: ignore[arg-type]
         ]
-        errors = [f.exception() for f in futures]
-        for error in errors:
-            if error is not None:
-                raise error
-        return [f.result() for f in futures]
+        return _results(futures)
 
     def _write_batch(self, jobs: Sequence[_Job]) -> None:
         """Write and publish the jobs' records (in parallel), then wait briefly for the PUBACKs
@@ -582,38 +589,50 @@ class CaptionWorker(CloudService):
         self._write_batch(jobs)
 
     def _prepare(self, key: str) -> _Job | None:
-        """Parse, check and fetch one frame and write its outbox marker; None when there is
-        nothing to do."""
-        job = self._fetch_frame(key)
-        if job is not None:
-            marker = self._outbox.marker(job.frame.caption_key)
-            with self._lock:  # before the put: a listing meanwhile must not take it as due
-                self._open_markers.add(marker)
-            self._s3(lambda s: s.put(marker, b""), f"writing {marker}")
-            job.marker = marker
-        return job
+        """Parse and check one frame, fetch and decode it and write its outbox marker; None
+        when there is nothing to do (a bad key, a caption already written, a vanished object).
 
-    def _fetch_frame(self, key: str) -> _Job | None:
-        """Parse, check and fetch one frame; None when there is nothing to do."""
+        The three S3 requests (caption exists? the object, the marker) go out at once: a frame
+        waits one round trip, not three. A marker written for a frame that needs none is
+        deleted again.
+
+        Raises:
+            Stopping: :meth:`stop` was called while S3 was down.
+        """
         try:
             frame = parse_frame_key(key, check_date=False)
         except InvalidIdError as err:
             self._bad_key(key, str(err))
             return None
-        job = _Job(key, frame)
-        if self._s3(lambda s: s.exists(frame.caption_key), f"looking for {frame.caption_key}"):
-            self._count("skipped")
-            metrics.WORKER_FRAMES.labels("skipped").inc()
+        marker = self._outbox.marker(frame.caption_key)
+        with self._lock:  # before the put: a listing meanwhile must not take it as due
+            self._open_markers.add(marker)
+        aux = self._pool("aux")
+        date_error = frame.date_error()
+        requests: list[Future[Any]] = [
+            aux.submit(self._s3, lambda s: s.put(marker, b""), f"writing {marker}")]
+        if date_error is None:
+            requests.append(aux.submit(self._s3, lambda s: _get_or_none(s, key), f"reading {key}"))
+        try:
+            exists = self._s3(lambda s: s.exists(frame.caption_key),
+                              f"looking for {frame.caption_key}")
+        finally:
+            results = _results(requests)
+        found: StoredObject | None = results[1] if date_error is None else None
+        if exists or (date_error is None and found is None):
+            if exists:
+                self._count("skipped")
+                metrics.WORKER_FRAMES.labels("skipped").inc()
+            else:
+                logger.warning("worker: frame %s of device %s: %s vanished",
+                               frame.frame_id, frame.device_id, key)
+            self._s3(lambda s: s.delete(marker), f"deleting {marker}")
+            with self._lock:
+                self._open_markers.discard(marker)
             return None
-        job.error = frame.date_error()
-        if job.error is not None:
-            return job
-        found = self._s3(lambda s: _get_or_none(s, key), f"reading {key}")
+        job = _Job(key, frame, error=date_error, marker=marker)
         if found is None:
-            logger.warning(
-                "worker: frame %s of device %s: %s vanished", frame.frame_id, frame.device_id, key
-            )
-            return None
+            return job  # an impossible date: an error record
         data = found.body
         job.captured_at = captured_at_from(found.metadata, frame)
         if len(data) > self.config.max_frame_bytes:

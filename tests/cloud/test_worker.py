@@ -99,6 +99,49 @@ def test_an_existing_caption_is_skipped_and_never_rewritten() -> None:
     worker.process_batch([FRAME])  # a notification checks again
     assert store.objects[CAPTION][0] == b"{}" and client.published() == []
     assert worker.counters["skipped"] == 1
+    assert not [k for k in store.objects if k.startswith("outbox/")]  # its marker went again
+    assert not worker._open_markers
+
+
+def test_a_frame_waits_one_s3_round_trip_not_three() -> None:
+    """Issue 9: caption exists?, the object and the outbox marker are asked for at once."""
+    import threading
+
+    delay = 0.2
+
+    class SlowStore(FakeStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.most = self.now = 0
+            self.count_lock = threading.Lock()
+
+        def _slow(self) -> None:
+            with self.count_lock:
+                self.now += 1
+                self.most = max(self.most, self.now)
+            time.sleep(delay)
+            with self.count_lock:
+                self.now -= 1
+
+        def exists(self, key):  # type: ignore[no-untyped-def]
+            self._slow()
+            return super().exists(key)
+
+        def get_object(self, key):  # type: ignore[no-untyped-def]
+            self._slow()
+            return super().get_object(key)
+
+        def put(self, key, body, **kw):  # type: ignore[no-untyped-def]
+            self._slow()
+            return super().put(key, body, **kw)
+
+    store = SlowStore()
+    worker = CaptionWorker(WorkerConfig(), FakeCaptioner(), store=store, client_id="test-worker")
+    put_frame(store)
+    started = time.monotonic()
+    job = worker._prepare(FRAME)
+    assert job is not None and job.image is not None and job.marker in store.objects
+    assert store.most == 3 and time.monotonic() - started < 2.5 * delay
 
 
 def test_scan_queues_each_missing_frame_once() -> None:
