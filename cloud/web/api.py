@@ -265,12 +265,18 @@ def make_rule(ctx: WebContext, user: Account, spec: RuleIn) -> AlertRule:
     A viewer's rule always names its devices (its own list when ``devices`` is null), so it
     can never watch another device, even if the viewer's list changes later.
 
+    Only an admin may set a webhook: a webhook makes this server POST to an address of the
+    rule's choosing, which a viewer must not be able to aim at hosts inside the network.
+
     Raises:
         HTTPException: 400 bad query; 404 a device the user may not see; 403 replacing another
-            user's rule as a viewer; 422 a bad rule id.
+            user's rule as a viewer, or a viewer's webhook; 422 a bad rule id.
     """
     from cloud.web.query import parse_query
 
+    if spec.webhook_url and not user.is_admin:
+        raise HTTPException(403, "only an admin may set a webhook URL (the server would POST there); "
+                                 "leave it empty to get this rule's alerts on MQTT and the Alerts page")
     try:
         if parse_query(spec.query) is None:
             raise HTTPException(400, "bad query: a rule needs at least one word to match")

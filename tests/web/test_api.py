@@ -510,6 +510,10 @@ def test_a_viewer_rule_is_bound_to_its_devices(world: World, viewer: TestClient,
     assert r.status_code == 403
     assert {x.rule_id for x in world.index.rules()} >= {"adm"}
     assert world.client(NOBODY).post("/api/v1/rules", json={"name": "x", "query": "dog"}).status_code == 403
+    # a viewer may not make the server POST to an address of its choosing
+    r = viewer.post("/api/v1/rules", json={"name": "hook", "query": "dog", "webhook_url": "http://10.0.0.1/x"})
+    assert r.status_code == 403 and "admin" in r.json()["detail"]
+    assert "hook" not in {x.name for x in world.index.rules()}
 
 
 # -- status, health, metrics -----------------------------------------------------------

@@ -441,6 +441,7 @@ def test_live_page(admin: TestClient) -> None:
 def test_alert_rules_create_list_delete(admin: TestClient, ctx: WebContext) -> None:
     els = page(admin, "/alerts")
     assert els.by_id("rule-form") is not None and not els.by_class("rule")
+    assert els.by_id("rule-webhook") is not None
     answer = admin.post("/alerts", data={"name": "Trucks at night", "query": "truck OR lorry",
                                          "device": ["cam1"], "min_score": "-8", "cooldown_s": "60",
                                          "webhook_url": "http://127.0.0.1:9/hook"})
@@ -483,6 +484,7 @@ def test_viewer_rules_bounded_to_its_devices(viewer: TestClient, ctx: WebContext
     assert answer.status_code == 303
     (rule,) = ctx.index.rules()
     assert rule.devices == ("cam1",) and rule.owner == "ann"
+    assert page(viewer, "/alerts").by_id("rule-webhook") is None  # webhooks are the admin's
 
 
 def test_recent_alerts_listed_for_the_rules_and_devices_one_may_see(admin: TestClient, viewer: TestClient,
