@@ -1,4 +1,5 @@
-"""A tiny model learns real captions; batched beam search equals per-image beam search."""
+"""A tiny model learns real captions; batched beam search equals a plain per-image beam search
+(``test_beam_reference.plain_beam_search``, which shares no code with it) on real images."""
 
 from __future__ import annotations
 
@@ -6,6 +7,8 @@ import pytest
 import torch
 
 from cloud.captioning.beam_search import beam_search
+
+from .test_beam_reference import greedy, plain_beam_search
 
 
 def test_tiny_model_overfits_real_captions(overfit_model) -> None:
@@ -16,18 +19,25 @@ def test_tiny_model_overfits_real_captions(overfit_model) -> None:
     assert decoded == targets
 
 
-@pytest.mark.parametrize("beam_size", [1, 3, 5])
-def test_batched_equals_single_image_on_real_images(overfit_model, encoder, real_images, beam_size) -> None:
+@pytest.mark.parametrize(("beam_size", "length_penalty", "ngram"), [(1, 0.0, 0), (3, 0.0, 0), (5, 1.0, 2)])
+def test_batched_equals_a_plain_beam_search_on_real_images(overfit_model, encoder, real_images, beam_size,
+                                                           length_penalty, ngram) -> None:
     decoder, word_map, _, _, _ = overfit_model
     with torch.inference_mode():
         encoder_out = encoder(encoder.preprocess(real_images))  # (8, 7, 7, 1280) unseen images
-    batched = beam_search(decoder, encoder_out, word_map, beam_size, max_len=12, return_alphas=True)
+    batched = beam_search(decoder, encoder_out, word_map, beam_size, max_len=12, length_penalty=length_penalty,
+                          return_alphas=True, no_repeat_ngram_size=ngram)
+    differs_from_greedy = 0
     for i, hyp in enumerate(batched):
-        single = beam_search(decoder, encoder_out[i:i + 1], word_map, beam_size, max_len=12, return_alphas=True)[0]
-        assert hyp.tokens == single.tokens
-        assert hyp.score == pytest.approx(single.score, abs=1e-4)
-        assert hyp.alphas.shape == (len(hyp.tokens) + 1, 49)
+        tokens, score = plain_beam_search(decoder, encoder_out[i:i + 1], word_map, beam_size, 12,
+                                          length_penalty, ngram)
+        assert hyp.tokens == tokens
+        assert hyp.score == pytest.approx(score, abs=1e-4)
+        assert hyp.alphas is not None and hyp.alphas.shape == (len(hyp.tokens) + 1, 49)
         assert len(hyp.tokens) <= 12
+        differs_from_greedy += tokens != greedy(decoder, encoder_out[i:i + 1], word_map, 12, ngram)
+    if beam_size > 1:
+        assert differs_from_greedy > 0  # greedy decoding would fail this test
 
 
 def test_trained_default_model_batched_equals_single(real_images) -> None:
