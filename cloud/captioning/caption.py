@@ -18,30 +18,48 @@ import logging
 import math
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from common.cli import (
+    DEVICE_HELP,
+    check_checkpoint,
+    check_device,
+    device_arg,
+    error_line,
+    format_caption_line,
+)
 
-from cloud.captioning.images import load_image
-from cloud.captioning.inference import Captioner, default_threads
+if TYPE_CHECKING:  # torch, numpy and Pillow are imported when a command runs, so --help needs none
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="framecap caption", description="Caption image files.")
-    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE")
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the committed model)")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-caption-length", type=int, default=30)
-    p.add_argument("--device", default="auto")
+    p = argparse.ArgumentParser(
+        prog="framecap caption",
+        description="Caption image files: one line per image, IMAGE<TAB>CAPTION<TAB>SCORE (the "
+        "caption's log-probability), in the order given. A missing file or a non-image is "
+        "reported on stderr; the others are still captioned and the exit status is 1.",
+    )
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files (JPEG, PNG, ...)")
+    p.add_argument("--model", type=Path, default=None,
+                   help="model checkpoint, from 'framecap train' or 'framecap export' "
+                        "(default: the packaged model)")
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (default: %(default)s)")
+    p.add_argument("--max-caption-length", type=int, default=30,
+                   help="longest caption, words (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=None,
                    help="images captioned in parallel, each on one CPU thread "
-                        f"(default: the CPUs this process may use, at most 4; here {default_threads()})")
-    p.add_argument("--batch-size", type=int, default=32, help="images per beam search (default 32)")
-    p.add_argument("--json", action="store_true", help='one JSON line per image: {"image","caption","score"}')
-    p.add_argument("--attention-dir", type=Path, default=None, help="write a PNG of each word's attention here")
+                        "(default: the CPUs this process may use, at most 4)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per beam search (default: %(default)s)")
+    p.add_argument("--json", action="store_true",
+                   help='one JSON line per image: {"image", "caption", "score"} (default: tab-separated)')
+    p.add_argument("--attention-dir", type=Path, default=None,
+                   help="write DIR/IMAGE_STEM.png: the image once per word with its attention "
+                        "(default: none)")
     return p
 
 
@@ -51,6 +69,7 @@ def save_attention_png(path: Path, image: np.ndarray, words: list[str], alphas: 
     image: (H, W, 3) uint8; alphas: (len(words) + 1, grid*grid) attention weights.
     """
     import matplotlib
+    import torch.nn.functional as F
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -78,6 +97,9 @@ def save_attention_png(path: Path, image: np.ndarray, words: list[str], alphas: 
 
 
 def run(args: argparse.Namespace) -> int:
+    from cloud.captioning.images import load_image
+    from cloud.captioning.inference import Captioner, default_threads
+
     if args.threads is not None and args.threads < 1:
         raise ValueError(f"--threads must be >= 1, got {args.threads}")
     if args.batch_size < 1:
@@ -90,7 +112,14 @@ def run(args: argparse.Namespace) -> int:
     if attention:
         args.attention_dir.mkdir(parents=True, exist_ok=True)
     failed = 0
-    for result in captioner.caption_stream(args.images, load_image, return_alphas=attention, keep_images=attention):
+    images = []
+    for path in args.images:
+        if path.is_dir():
+            print(f"framecap caption: {path}: is a directory, not an image file", file=sys.stderr)
+            failed += 1
+        else:
+            images.append(path)
+    for result in captioner.caption_stream(images, load_image, return_alphas=attention, keep_images=attention):
         path, hyp = result.item, result.hypothesis
         if hyp is None:
             print(f"framecap caption: {result.error}", file=sys.stderr)
@@ -101,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             print(json.dumps({"image": str(path), "caption": caption, "score": round(hyp.score, 4)}), flush=True)
         else:
-            print(f"{path}\t{caption}\t{hyp.score:.3f}", flush=True)
+            print(format_caption_line(str(path), caption, hyp.score), flush=True)
         if attention and hyp.alphas is not None and result.image is not None:
             out = args.attention_dir / f"{path.stem}.png"
             save_attention_png(out, result.image, words, hyp.alphas, captioner.model_args.encoded_image_size)
@@ -110,10 +139,21 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str]) -> int:
+    """``framecap caption``: 0 when every image was captioned, 1 when one was not or the model
+    cannot load (missing, a directory, not a checkpoint), 2 on a bad option (a device this
+    machine lacks)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device)
+    if problem is not None:
+        parser.exit(2, f"framecap caption: {problem}\n")
+    problem = check_checkpoint(args.model) if args.model is not None else None
+    if problem is not None:
+        print(f"framecap caption: {problem}", file=sys.stderr)
+        return 1
     try:
         return run(args)
-    except (FileNotFoundError, ValueError) as err:
-        print(f"framecap caption: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:
+        print(f"framecap caption: {error_line(err)}", file=sys.stderr)
         return 1

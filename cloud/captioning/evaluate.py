@@ -13,37 +13,57 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cloud.captioning.images import ImageLoadError, load_image
-from cloud.captioning.inference import Captioner
-from cloud.captioning.metrics import METRIC_KEYS, coco_scores
-from cloud.captioning.prepare import DatasetError, check_images, read_karpathy
+from cloud.captioning.metrics import METRIC_KEYS
+from common.cli import (
+    DEVICE_HELP,
+    check_checkpoint,
+    check_device,
+    check_file,
+    device_arg,
+    error_line,
+)
+
+if TYPE_CHECKING:  # torch and Pillow are imported when the command runs, so --help needs neither
+    from cloud.captioning.inference import Captioner
 
 logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="framecap evaluate", description=__doc__.split("\n")[0])
-    p.add_argument("--model", type=Path, default=None, help="checkpoint (default: the committed model)")
-    p.add_argument("--karpathy-json", type=Path, required=True)
-    p.add_argument("--image-dir", type=Path, required=True)
-    p.add_argument("--split", default="val")
-    p.add_argument("--beam-size", type=int, default=3)
-    p.add_argument("--max-caption-length", type=int, default=30)
+    p = argparse.ArgumentParser(
+        prog="framecap evaluate",
+        description="Caption a split of a Karpathy-format dataset and score the captions against "
+        "its references: BLEU-1..4, METEOR, ROUGE-L and CIDEr (the COCO caption evaluation).",
+    )
+    p.add_argument("--model", type=Path, default=None,
+                   help="model checkpoint (default: the packaged model)")
+    p.add_argument("--karpathy-json", type=Path, required=True,
+                   help="Karpathy-format dataset JSON, e.g. dataset_flickr8k.json (required)")
+    p.add_argument("--image-dir", type=Path, required=True, help="folder of its images (required)")
+    p.add_argument("--split", default="val", help="split to caption: train, val or test (default: %(default)s)")
+    p.add_argument("--beam-size", type=int, default=3, help="beam width (default: %(default)s)")
+    p.add_argument("--max-caption-length", type=int, default=30,
+                   help="longest caption, words (default: %(default)s)")
     p.add_argument("--length-penalty", type=float, default=None,
                    help="rank finished captions by logp / len**a (0: off; default: the model's own)")
     p.add_argument("--no-repeat-ngram-size", type=int, default=None,
                    help="forbid repeating an n-gram of N words (0: off; default: the model's own)")
-    p.add_argument("--limit", type=int, default=None, help="first N images of the split")
-    p.add_argument("--batch-size", type=int, default=32, help="images per batch")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
-    p.add_argument("--output", type=Path, default=None, help="write the captions as JSON here")
+    p.add_argument("--limit", type=int, default=None, help="caption only the first N images of the split (default: all)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    p.add_argument("--json", action="store_true",
+                   help="print the scores as one JSON object (default: one score per line)")
+    p.add_argument("--output", type=Path, default=None,
+                   help="also write each image's caption and references as JSON here (default: none)")
     return p
 
 
 def caption_split(captioner: Captioner, filenames: list[str], image_dir: Path, batch_size: int) -> list[str]:
     from tqdm import tqdm
+
+    from cloud.captioning.images import load_image
 
     captions: list[str] = []
     for start in tqdm(range(0, len(filenames), batch_size), desc="captioning", unit="batch", disable=None):
@@ -54,6 +74,10 @@ def caption_split(captioner: Captioner, filenames: list[str], image_dir: Path, b
 
 def evaluate(args: argparse.Namespace) -> dict[str, float]:
     """Caption ``args.split`` and return the seven scores (plus the captions in ``--output``)."""
+    from cloud.captioning.inference import Captioner
+    from cloud.captioning.metrics import coco_scores
+    from cloud.captioning.prepare import DatasetError, check_images, read_karpathy
+
     images = [i for i in read_karpathy(args.karpathy_json) if i.split == args.split][: args.limit]
     if not images:
         raise DatasetError(f"{args.karpathy_json}: no images in split {args.split!r}")
@@ -78,12 +102,27 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 
 
 def main(argv: list[str]) -> int:
+    """``framecap evaluate``: 0 with the scores printed; 1 when the dataset, its images or the
+    model cannot be used (missing, a directory, not what is expected); 2 on a bad option (a
+    device this machine lacks)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = get_args_parser().parse_args(argv)
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device)
+    if problem is not None:
+        parser.exit(2, f"framecap evaluate: {problem}\n")
+    problem = check_file(args.karpathy_json, "Karpathy JSON file")
+    if problem is None and not args.image_dir.is_dir():
+        problem = f"{args.image_dir}: {'not a directory' if args.image_dir.exists() else 'no such directory'} (--image-dir)"
+    if problem is None and args.model is not None:
+        problem = check_checkpoint(args.model)
+    if problem is not None:
+        print(f"framecap evaluate: {problem}", file=sys.stderr)
+        return 1
     try:
         scores = evaluate(args)
-    except (FileNotFoundError, ValueError, ImageLoadError, RuntimeError) as err:
-        print(f"framecap evaluate: {err}", file=sys.stderr)
+    except (FileNotFoundError, ValueError, RuntimeError) as err:  # ImageLoadError, DatasetError are ValueErrors
+        print(f"framecap evaluate: {error_line(err)}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps({k: round(scores[k], 4) for k in METRIC_KEYS}))

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from cloud.captioning.images import ImageLoadError, load_image
 from cloud.captioning.vocab import WordMap
+from common.cli import check_file, error_line
 
 logger = logging.getLogger(__name__)
 SPLIT_ALIASES = {"restval": "train"}
@@ -75,6 +75,8 @@ def check_images(images: list[KarpathyImage], image_dir: Path, decode: bool = Tr
     """Raise DatasetError naming the first bad file and how many are missing or unreadable."""
     from tqdm import tqdm
 
+    from cloud.captioning.images import ImageLoadError, load_image
+
     missing, unreadable = [], []
     for image in tqdm(images, desc="checking images", unit="img", disable=None):
         path = image_dir / image.filename
@@ -112,6 +114,7 @@ def cache_features(filenames: list[str], image_dir: Path, out_path: Path, encode
     import torch
     from tqdm import tqdm
 
+    from cloud.captioning.images import load_image
     from cloud.captioning.models import Encoder
 
     encoder = Encoder(encoder_name, encoded_image_size).eval()
@@ -131,20 +134,48 @@ def cache_features(filenames: list[str], image_dir: Path, out_path: Path, encode
     tmp_path.replace(out_path)
 
 
+DESCRIPTION = ("Turn a Karpathy-format dataset (its JSON and image folder) into what "
+               "'framecap train' reads: a word map, encoded captions per split and, with "
+               "--cache-features, the frozen encoder's features of every image.")
+
+
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="framecap data prepare", description=__doc__.split("\n")[0])
-    p.add_argument("--karpathy-json", type=Path, required=True)
-    p.add_argument("--image-dir", type=Path, required=True)
-    p.add_argument("--output-dir", type=Path, required=True)
-    p.add_argument("--min-word-freq", type=int, default=5)
-    p.add_argument("--captions-per-image", type=int, default=5)
-    p.add_argument("--max-len", type=int, default=50, help="longest caption kept, in words")
-    p.add_argument("--encoder", default="efficientnet_lite0")
-    p.add_argument("--encoded-image-size", type=int, default=7)
-    p.add_argument("--cache-features", action="store_true", help="cache frozen encoder features (float16)")
+    """The ``framecap data prepare`` parser."""
+    p = argparse.ArgumentParser(prog="framecap data prepare", description=DESCRIPTION)
+    add_prepare_arguments(p)
+    return p
+
+
+def add_prepare_arguments(p: argparse.ArgumentParser) -> None:
+    """The options of ``framecap data prepare``."""
+    p.add_argument("--karpathy-json", type=Path, required=True,
+                   help="Karpathy-format dataset JSON: dataset_coco.json, dataset_flickr8k.json or "
+                        "dataset_flickr30k.json (required)")
+    p.add_argument("--image-dir", type=Path, required=True, help="folder of its images (required)")
+    p.add_argument("--output-dir", type=Path, required=True,
+                   help="where word_map.json, SPLIT.json, meta.json and the feature caches go (required; created)")
+    p.add_argument("--min-word-freq", type=int, default=5,
+                   help="words seen fewer times in the train captions become <unk> (default: %(default)s)")
+    p.add_argument("--captions-per-image", type=int, default=5,
+                   help="captions encoded per image (default: %(default)s)")
+    p.add_argument("--max-len", type=int, default=50, help="longest caption kept, words (default: %(default)s)")
+    p.add_argument("--encoder", default="efficientnet_lite0",
+                   help="encoder of the feature cache (default: %(default)s)")
+    p.add_argument("--encoded-image-size", type=int, default=7,
+                   help="feature grid side: SIZE x SIZE positions (default: %(default)s)")
+    p.add_argument("--cache-features", action="store_true",
+                   help="also cache the frozen encoder's features (float16) for fast training (default: off)")
     p.add_argument("--splits", nargs="+", default=None, help="splits to write (default: all in the JSON)")
-    p.add_argument("--limit", type=int, default=None, help="first N images per split (for tests)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--limit", type=int, default=None, help="first N images per split (default: all)")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the caption sampling (default: %(default)s)")
+
+
+def get_data_parser() -> argparse.ArgumentParser:
+    """The ``framecap data`` parser: its one subcommand, ``prepare``."""
+    p = argparse.ArgumentParser(prog="framecap data", description="Datasets for training.")
+    sub = p.add_subparsers(dest="action", required=True, metavar="prepare")
+    add_prepare_arguments(sub.add_parser("prepare", help=DESCRIPTION, description=DESCRIPTION))
     return p
 
 
@@ -178,15 +209,20 @@ def encoded_names(output_dir: Path, split: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
+    """``framecap data prepare``: 0 when done, 1 when the dataset cannot be used, 2 on bad options."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if not argv or argv[0] != "prepare":
-        print("usage: framecap data prepare --karpathy-json J --image-dir D --output-dir O [...]",
-              file=sys.stderr)
-        return 2
-    args = get_args_parser().parse_args(argv[1:])
+    args = get_data_parser().parse_args(argv)
+    problem = check_file(args.karpathy_json, "Karpathy JSON file")
+    if problem is None and not args.image_dir.is_dir():
+        problem = f"{args.image_dir}: {'not a directory' if args.image_dir.exists() else 'no such directory'} (--image-dir)"
+    if problem is None and args.output_dir.exists() and not args.output_dir.is_dir():
+        problem = f"{args.output_dir}: not a directory (--output-dir)"
+    if problem is not None:
+        print(f"framecap data prepare: {problem}", file=sys.stderr)
+        return 1
     try:
         prepare(args)
-    except DatasetError as err:
-        print(f"framecap data prepare: {err}", file=sys.stderr)
+    except (DatasetError, OSError) as err:
+        print(f"framecap data prepare: {error_line(err)}", file=sys.stderr)
         return 1
     return 0

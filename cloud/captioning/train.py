@@ -36,60 +36,92 @@ from cloud.captioning.train_utils import (
     val_scores,
     write_metrics_csv,
 )
+from common.cli import DEVICE_HELP, check_checkpoint, check_device, device_arg, error_line
 
 logger = logging.getLogger(__name__)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="framecap train", description="Train a Show, Attend and Tell captioner.")
-    p.add_argument("--data-dir", type=Path, required=True, help="output of 'framecap data prepare'")
-    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, log, metrics")
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--max-minutes", type=float, default=0, help="stop after the epoch that passes this (0: no limit)")
-    p.add_argument("--batch-size", type=int, default=80, help="captions per process and step")
-    p.add_argument("--lr", type=float, default=4e-4, help="decoder learning rate (Adam)")
-    p.add_argument("--encoder-lr", type=float, default=1e-4, help="when fine-tuning the encoder")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm")
-    p.add_argument("--alpha-c", type=float, default=1.0, help="doubly stochastic attention weight")
-    p.add_argument("--label-smoothing", type=float, default=0.0)
-    p.add_argument("--lr-patience", type=int, default=2, help="epochs without val BLEU-4 gain before decay")
-    p.add_argument("--lr-decay", type=float, default=0.5, help="factor applied on a plateau")
-    p.add_argument("--lr-step-every", type=int, default=0, help="also decay every N epochs (0: off)")
-    p.add_argument("--lr-step-factor", type=float, default=0.8)
-    p.add_argument("--patience", type=int, default=6, help="early stop after N epochs without gain")
-    p.add_argument("--val-beam-size", type=int, default=1, help="beam for the val BLEU-4 (1: greedy)")
-    p.add_argument("--val-limit", type=int, default=None, help="decode only the first N val images")
+    p = argparse.ArgumentParser(
+        prog="framecap train",
+        description="Train a Show, Attend and Tell captioner (Xu et al. 2015) on the output of "
+        "'framecap data prepare'. Checkpoints (last.pt every epoch, best.pt), train.log, "
+        "metrics.csv and metrics.png go to the run folder; a run resumes from RUN_DIR/last.pt. "
+        "Several processes: launch with torchrun.",
+    )
+    p.add_argument("--data-dir", type=Path, required=True, help="output of 'framecap data prepare' (required)")
+    p.add_argument("--run-dir", type=Path, required=True, help="checkpoints, log, metrics (required; created)")
+    p.add_argument("--epochs", type=int, default=30, help="most epochs (default: %(default)s)")
+    p.add_argument("--max-minutes", type=float, default=0,
+                   help="stop after the epoch that passes this (default: %(default)s, no limit)")
+    p.add_argument("--batch-size", type=int, default=80, help="captions per process and step (default: %(default)s)")
+    p.add_argument("--lr", type=float, default=4e-4, help="decoder learning rate, Adam (default: %(default)s)")
+    p.add_argument("--encoder-lr", type=float, default=1e-4,
+                   help="encoder learning rate when fine-tuning it (default: %(default)s)")
+    p.add_argument("--weight-decay", type=float, default=0.0, help="Adam weight decay (default: %(default)s)")
+    p.add_argument("--grad-clip", type=float, default=5.0, help="max gradient norm (default: %(default)s)")
+    p.add_argument("--alpha-c", type=float, default=1.0,
+                   help="weight of the doubly stochastic attention loss (default: %(default)s)")
+    p.add_argument("--label-smoothing", type=float, default=0.0,
+                   help="cross-entropy label smoothing (default: %(default)s)")
+    p.add_argument("--lr-patience", type=int, default=2,
+                   help="epochs without val BLEU-4 gain before decay (default: %(default)s)")
+    p.add_argument("--lr-decay", type=float, default=0.5, help="factor applied on a plateau (default: %(default)s)")
+    p.add_argument("--lr-step-every", type=int, default=0,
+                   help="also decay every N epochs (default: %(default)s, off)")
+    p.add_argument("--lr-step-factor", type=float, default=0.8,
+                   help="factor of --lr-step-every (default: %(default)s)")
+    p.add_argument("--patience", type=int, default=6,
+                   help="early stop after N epochs without gain (default: %(default)s)")
+    p.add_argument("--val-beam-size", type=int, default=1,
+                   help="beam for the val BLEU-4 (default: %(default)s, greedy)")
+    p.add_argument("--val-limit", type=int, default=None, help="decode only the first N val images (default: all)")
     p.add_argument("--group-by-image", action=argparse.BooleanOptionalAction, default=True,
-                   help="batch all captions of an image together (features projected once per image)")
-    p.add_argument("--max-caption-length", type=int, default=30)
-    p.add_argument("--limit-images", type=int, default=None, help="first N train images (for tests)")
-    p.add_argument("--max-steps", type=int, default=0, help="stop each epoch after N steps (for tests)")
-    p.add_argument("--no-val", action="store_true", help="skip val decoding (for tests)")
-    for name, default in (("encoder", "efficientnet_lite0"), ("encoded-image-size", 7),
-                          ("fine-tune-from", -1), ("encoder-proj-dim", 512), ("attention-dim", 512),
-                          ("embed-dim", 512), ("decoder-dim", 512), ("dropout", 0.5),
-                          ("feature-dropout", 0.5)):
-        p.add_argument(f"--{name}", type=type(default), default=default, help="model architecture")
+                   help="batch all captions of an image together, features projected once per image "
+                        "(default: on)")
+    p.add_argument("--max-caption-length", type=int, default=30,
+                   help="longest caption decoded for val, words (default: %(default)s)")
+    p.add_argument("--limit-images", type=int, default=None, help="first N train images (default: all)")
+    p.add_argument("--max-steps", type=int, default=0,
+                   help="stop each epoch after N steps (default: %(default)s, no limit)")
+    p.add_argument("--no-val", action="store_true", help="skip val decoding (default: decode val every epoch)")
+    for name, default, what in (
+            ("encoder", "efficientnet_lite0", "image encoder"),
+            ("encoded-image-size", 7, "feature grid side"),
+            ("fine-tune-from", -1, "fine-tune encoder blocks from this index (-1: frozen)"),
+            ("encoder-proj-dim", 512, "encoder projection width"),
+            ("attention-dim", 512, "attention width"),
+            ("embed-dim", 512, "word embedding width"),
+            ("decoder-dim", 512, "LSTM width"),
+            ("dropout", 0.5, "decoder dropout"),
+            ("feature-dropout", 0.5, "dropout on the encoder features")):
+        p.add_argument(f"--{name}", type=type(default), default=default,
+                       help=f"model architecture: {what} (default: %(default)s)")
     p.add_argument("--init-from", type=Path, default=None,
                    help="start from this checkpoint's or exported model's decoder weights and model args "
-                        "(e.g. a cross-entropy model before --scst); the architecture options are ignored")
+                        "(e.g. a cross-entropy model before --scst); the architecture options are ignored "
+                        "(default: none)")
     p.add_argument("--scst", action="store_true",
                    help="self-critical sequence training with a CIDEr-D reward (Rennie et al. 2017) "
-                        "instead of cross-entropy; needs cached features and usually --init-from")
-    p.add_argument("--scst-samples", type=int, default=5, help="captions sampled per image (SCST)")
-    p.add_argument("--scst-max-len", type=int, default=20, help="most sampled words per caption (SCST)")
+                        "instead of cross-entropy; needs cached features and usually --init-from (default: off)")
+    p.add_argument("--scst-samples", type=int, default=5,
+                   help="captions sampled per image, SCST (default: %(default)s)")
+    p.add_argument("--scst-max-len", type=int, default=20,
+                   help="most sampled words per caption, SCST (default: %(default)s)")
     p.add_argument("--scst-bleu-weight", type=float, default=0.0,
-                   help="SCST reward = CIDEr-D + this x sentence BLEU-4 (default 0: CIDEr-D only)")
+                   help="SCST reward = CIDEr-D + this x sentence BLEU-4 (default: %(default)s, CIDEr-D only)")
     p.add_argument("--scst-sample-dropout", action="store_true",
-                   help="keep dropout on while sampling (SCST; default off: sample the test-time policy)")
-    p.add_argument("--resume", type=Path, default=None, help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
+                   help="keep dropout on while sampling (SCST; default: off, sample the test-time policy)")
+    p.add_argument("--resume", type=Path, default=None,
+                   help="checkpoint to resume (default: RUN_DIR/last.pt if present)")
     p.add_argument("--no-resume", action="store_true", help="start afresh even if RUN_DIR/last.pt exists")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--workers", type=int, default=0, help="DataLoader workers when reading images")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=42, help="random seed (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=0,
+                   help="DataLoader workers when reading images (default: %(default)s, in the main process)")
+    p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
     p.add_argument("--threads", type=int, default=0,
-                   help="torch CPU threads per process (0: torch's default); 1 is steadier on a busy CPU")
+                   help="torch CPU threads per process (default: %(default)s, torch's default); "
+                        "1 is steadier on a busy CPU")
     return p
 
 
@@ -206,8 +238,33 @@ def setup_logging(run_dir: Path, rank: int) -> None:
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
 
 
+def input_problem(args: argparse.Namespace) -> str | None:
+    """Why the files named on the command line cannot be used (missing, a directory where a
+    file is expected, not a checkpoint), or None."""
+    if not args.data_dir.is_dir():
+        return (f"{args.data_dir}: {'not a directory' if args.data_dir.exists() else 'no such directory'}"
+                " (--data-dir: the output folder of 'framecap data prepare')")
+    if args.run_dir.exists() and not args.run_dir.is_dir():
+        return f"{args.run_dir}: not a directory (--run-dir)"
+    for option, path in (("--resume", args.resume), ("--init-from", args.init_from)):
+        problem = check_checkpoint(path) if path is not None else None
+        if problem is not None:
+            return f"{problem} ({option})"
+    return None
+
+
 def main(argv: list[str]) -> int:
-    args = get_args_parser().parse_args(argv)
+    """``framecap train``: 0 when done; 1 when the data or a checkpoint cannot be used; 2 on a bad
+    option (a device this machine lacks)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
+    problem = check_device(args.device)
+    if problem is not None:
+        parser.exit(2, f"framecap train: {problem}\n")
+    problem = input_problem(args)
+    if problem is not None:
+        print(f"framecap train: {problem}", file=sys.stderr)
+        return 1
     if args.threads:
         torch.set_num_threads(args.threads)
     rank, world, device = setup_distributed(args.device)
@@ -215,7 +272,7 @@ def main(argv: list[str]) -> int:
     try:
         fit(args, rank, world, device)
     except (FileNotFoundError, ValueError) as err:
-        logger.error("framecap train: %s", err)
+        logger.error("framecap train: %s", error_line(err))
         return 1
     finally:
         if world > 1 and dist.is_initialized():
