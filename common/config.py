@@ -27,7 +27,10 @@ An empty variable counts as unset. A value from the environment is validated lik
 file (``FRAMECAP_MQTT_PORT=abc`` is a config error, not ignored).
 
 :func:`load_config` reads a file and raises :class:`ConfigError` whose message names the key, the
-value and why; the CLIs print it and exit with status 2. ``--validate-config`` checks and exits.
+value and why; the CLIs print it and exit with status 2. ``--validate-config`` checks and exits
+(also that the files the config names exist: :func:`missing_files`). A value from the
+environment that does not validate names its variable (``mqtt.port = 'abc' from
+$FRAMECAP_MQTT_PORT``).
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ import os
 import re
 import secrets
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, Literal, TypeVar, get_args
 from urllib.parse import quote, unquote, urlsplit, urlunsplit
 
 import yaml
@@ -466,19 +469,75 @@ def redact(value: Any, key: str | None = None) -> Any:
     return value
 
 
-def format_validation_error(err: ValidationError, data: Any, source: str) -> str:
-    """One line per problem: ``source: key.path = value: why`` (secret values shown as ***)."""
+_ENV_NAME_RE = re.compile(r"\$([A-Z][A-Z0-9_]*)")
+
+
+def _section_of(annotation: Any) -> type[Section] | None:
+    """The Section class of a field's annotation (``TlsConfig | None`` -> TlsConfig), or None."""
+    if isinstance(annotation, type) and issubclass(annotation, Section):
+        return annotation
+    for arg in get_args(annotation):
+        found = _section_of(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def env_variable_of(cls: type[Section], loc: tuple[Any, ...], data: Any) -> str | None:
+    """The ``FRAMECAP_*`` (or ``AWS_*``) environment variable the value at ``loc`` came from:
+    one named in the field's description, set, while ``data`` (file and command line) leaves
+    the key out. None when the value came from the file or the command line, or has no
+    variable."""
+    model: type[Section] | None = cls
+    node = data
+    description = None
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        field = model.model_fields[part]
+        description = field.description
+        node = node.get(part) if isinstance(node, dict) else None
+        model = _section_of(field.annotation)
+    if node is not None or not description:
+        return None
+    return next((name for name in _ENV_NAME_RE.findall(description) if os.environ.get(name)), None)
+
+
+def _section_path(cls: type[Section], name: str) -> tuple[str, ...] | None:
+    """Where the section class called ``name`` sits under ``cls`` (``("mqtt",)``), if it does."""
+    if cls.__name__ == name:
+        return ()
+    for field_name, field in cls.model_fields.items():
+        section = _section_of(field.annotation)
+        if section is not None:
+            below = _section_path(section, name)
+            if below is not None:
+                return (field_name, *below)
+    return None
+
+
+def format_validation_error(err: ValidationError, data: Any, source: str,
+                            cls: type[Section] | None = None) -> str:
+    """One line per problem: ``source: key.path = value: why`` (secret values shown as ***);
+    a value that came from the environment (``cls`` given) says which variable:
+    ``source: mqtt.port = 'abc' from $FRAMECAP_MQTT_PORT: why``."""
+    # A section left out of the file is built by its default factory: its errors come with
+    # their own model's title and locations relative to it.
+    prefix = (_section_path(cls, err.title) or ()) if cls is not None else ()
     lines = []
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
-        leaf = str(e["loc"][-1]) if e["loc"] else None
+        full_loc = (*prefix, *e["loc"])
+        loc = ".".join(str(x) for x in full_loc)
+        leaf = str(full_loc[-1]) if full_loc else None
         value = redact(e.get("input", ""), leaf)
+        variable = env_variable_of(cls, full_loc, data) if cls is not None else None
+        origin = f" from ${variable}" if variable else ""
         if e["type"] == "missing":
             lines.append(f"{source}: {loc}: required key is missing")
         elif e["type"] == "extra_forbidden":
             lines.append(f"{source}: {loc} = {value!r}: unknown key (typo?)")
         else:
-            lines.append(f"{source}: {loc or '(top level)'} = {value!r}: {e['msg']}")
+            lines.append(f"{source}: {loc or '(top level)'} = {value!r}{origin}: {e['msg']}")
     return "\n".join(lines)
 
 
@@ -491,9 +550,43 @@ def parse_config(cls: type[C], data: Any, source: str = "config") -> C:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
-        raise ConfigError(format_validation_error(err, data, source)) from err
+        raise ConfigError(format_validation_error(err, data, source, cls)) from err
     except InvalidIdError as err:
         raise ConfigError(f"{source}: {err}") from err
+
+
+# Fields whose file must exist when set, wherever they sit in a config: what the file is.
+FILES_THAT_MUST_EXIST: dict[str, str] = {
+    "ca_certs": "CA bundle",
+    "certfile": "client certificate",
+    "keyfile": "client private key",
+    "model": "model checkpoint",
+}
+
+
+def missing_files(config: Section, prefix: str = "") -> list[str]:
+    """One line per file the config names that cannot be read (the MQTT TLS CA bundle, client
+    certificate and key, the worker's model; :data:`FILES_THAT_MUST_EXIST`):
+    ``mqtt.tls.ca_certs = '/etc/ca.pem': no such file (CA bundle)``, or ``is a directory``.
+    ``--validate-config`` prints them and exits 2, so a deploy finds them before the start."""
+    problems: list[str] = []
+    for name in type(config).model_fields:
+        value = getattr(config, name)
+        if isinstance(value, Section):
+            problems += missing_files(value, f"{prefix}{name}.")
+        elif name in FILES_THAT_MUST_EXIST and isinstance(value, (str, Path)):
+            path = Path(value)
+            what = FILES_THAT_MUST_EXIST[name]
+            if path.is_dir():
+                why = f"is a directory, not a file ({what})"
+            elif not path.is_file():
+                why = f"no such file ({what})"
+            elif not os.access(path, os.R_OK):
+                why = f"not readable by this user ({what})"
+            else:
+                continue
+            problems.append(f"{prefix}{name} = {str(path)!r}: {why}")
+    return problems
 
 
 def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any] | None = None) -> C:
