@@ -294,19 +294,51 @@ class CloudService:
 
 # -- command line ------------------------------------------------------------------------
 def add_common_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options shared by ``framecap ingest`` and ``framecap worker``."""
-    parser.add_argument("--config", help="YAML config file")
-    parser.add_argument("--validate-config", action="store_true", help="check the config and exit")
-    parser.add_argument("--mqtt-host", help="override mqtt.host")
-    parser.add_argument("--mqtt-port", type=int, help="override mqtt.port")
-    parser.add_argument("--mqtt-username", help="override mqtt.username")
-    parser.add_argument("--client-id", help="override mqtt.client_id")
-    parser.add_argument("--topic-prefix", help="override mqtt.topic_prefix")
-    parser.add_argument("--s3-endpoint", help="override s3.endpoint_url")
-    parser.add_argument("--bucket", help="override s3.bucket")
-    parser.add_argument("--share-group", help="override share_group")
-    parser.add_argument("--metrics-port", type=int, help="override metrics_port")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    """Options shared by ``framecap ingest`` and ``framecap worker``: each overrides a key of
+    the config file; its help says the default and the environment variable behind it."""
+    parser.add_argument("--config", metavar="YAML",
+                        help="YAML config file (default: none; the defaults and $FRAMECAP_* variables)")
+    parser.add_argument("--validate-config", action="store_true",
+                        help="check the config and the files it names (TLS, model), then exit")
+    parser.add_argument("--mqtt-host", metavar="HOST",
+                        help="override mqtt.host (default: $FRAMECAP_MQTT_HOST, else 127.0.0.1)")
+    parser.add_argument("--mqtt-port", type=int, metavar="PORT",
+                        help="override mqtt.port (default: $FRAMECAP_MQTT_PORT, else 1883)")
+    parser.add_argument("--mqtt-username", metavar="USER",
+                        help="override mqtt.username (default: $FRAMECAP_MQTT_USERNAME; the password "
+                             "comes from $FRAMECAP_MQTT_PASSWORD)")
+    parser.add_argument("--client-id", metavar="ID",
+                        help="override mqtt.client_id (default: framecap-ROLE-HOSTNAME; replicas on "
+                             "one host need different ids)")
+    parser.add_argument("--topic-prefix", metavar="PREFIX",
+                        help="override mqtt.topic_prefix (default: framecap)")
+    parser.add_argument("--s3-endpoint", metavar="URL",
+                        help="override s3.endpoint_url (default: $FRAMECAP_S3_ENDPOINT_URL; AWS when "
+                             "empty; keys from $FRAMECAP_S3_ACCESS_KEY_ID and "
+                             "$FRAMECAP_S3_SECRET_ACCESS_KEY)")
+    parser.add_argument("--bucket", help="override s3.bucket (default: $FRAMECAP_S3_BUCKET, else framecap)")
+    parser.add_argument("--share-group", metavar="GROUP",
+                        help="override share_group, the MQTT shared subscription replicas split "
+                             "(default: the command's name, ingest or worker)")
+    parser.add_argument("--metrics-port", type=int, metavar="PORT",
+                        help="override metrics_port: serve Prometheus /metrics on this port "
+                             "(default: none)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: INFO)")
+
+
+def start_metrics(port: int | None) -> str | None:
+    """Serve Prometheus ``/metrics`` on ``port`` (nothing when None); returns why it cannot (the
+    port is taken, or not ours to bind) for the command to print and exit 2, else None."""
+    if port is None:
+        return None
+    from cloud import metrics
+
+    try:
+        metrics.serve(port)
+    except OSError as err:
+        return (f"--metrics-port {port}: cannot listen on it: {err.strerror or err} "
+                "(another process has it? pick another port)")
+    return None
 
 
 def common_overrides(args: argparse.Namespace) -> dict[str, object]:
