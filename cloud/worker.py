@@ -739,16 +739,36 @@ class CaptionWorker(CloudService):
             self._open_markers.discard(marker)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``framecap worker``; 0 after SIGINT/SIGTERM, 1 if the model cannot load, 2 on a bad config."""
-    parser = argparse.ArgumentParser(prog="framecap worker", description=__doc__.splitlines()[0])
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``framecap worker`` parser: :func:`~cloud.service.add_common_arguments` and the model's."""
+    parser = argparse.ArgumentParser(
+        prog="framecap worker",
+        description="Caption every frame under frames/ in S3: write captions/ and send each "
+        "caption to its device over MQTT. Options override the YAML config.",
+    )
     add_common_arguments(parser)
-    parser.add_argument("--model", help="override model (checkpoint path)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override device")
-    parser.add_argument("--beam-size", type=int, help="override beam_size")
-    parser.add_argument("--batch-size", type=int, help="override batch_size")
-    parser.add_argument("--list-interval", type=float, help="override list_interval_s")
-    args = parser.parse_args(argv)
+    parser.add_argument("--model", metavar="CHECKPOINT",
+                        help="override model, a checkpoint (default: the packaged model)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
+                        help="override device: auto (cuda when a GPU is visible), cpu or cuda "
+                             "(default: auto)")
+    parser.add_argument("--beam-size", type=int, metavar="N", help="override beam_size (default: 3)")
+    parser.add_argument("--batch-size", type=int, metavar="N",
+                        help="override batch_size, most frames per model batch (default: 8)")
+    parser.add_argument("--list-interval", type=float, metavar="S",
+                        help="override list_interval_s: list frames/ every S seconds to catch up "
+                             "(default: 30)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``framecap worker``; 0 after SIGINT/SIGTERM, 1 if the model cannot load, 2 on a bad config
+    (also a file it names that is missing, a device this machine lacks, a busy metrics port)."""
+    from cloud.service import start_metrics
+    from common.cli import check_checkpoint, check_device, error_line
+    from common.config import missing_files
+
+    args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
     overrides = common_overrides(args) | {
         "model": args.model,
@@ -763,16 +783,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"framecap worker: invalid config:\n{err}", file=sys.stderr)
         return 2
     if args.validate_config:
+        problems = missing_files(config)
+        if problems:
+            print("framecap worker: invalid config:\n" + "\n".join(problems), file=sys.stderr)
+            return 2
         print("framecap worker: config OK")
         return 0
+    problem = check_device(config.device)
+    if problem is not None:
+        print(f"framecap worker: {problem}", file=sys.stderr)
+        return 2
+    problem = check_checkpoint(config.model) if config.model is not None else None
+    if problem is not None:
+        print(f"framecap worker: cannot load the model: {problem}", file=sys.stderr)
+        return 1
     try:
         captioner = load_captioner(config)
     except (ImportError, OSError, ValueError, RuntimeError) as err:
         print(
-            f"framecap worker: cannot load the model {config.model or '(default)'}: {err}",
+            f"framecap worker: cannot load the model {config.model or '(default)'}: {error_line(err)}",
             file=sys.stderr,
         )
         return 1
-    if config.metrics_port is not None:
-        metrics.serve(config.metrics_port)
+    problem = start_metrics(config.metrics_port)
+    if problem is not None:
+        print(f"framecap worker: {problem}", file=sys.stderr)
+        return 2
     return run_until_signal(CaptionWorker(config, captioner), "worker")
