@@ -343,11 +343,24 @@ class IngestService(CloudService):
         return "conflict"
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """``framecap ingest``; returns 0 after SIGINT/SIGTERM, 2 on a bad config."""
-    parser = argparse.ArgumentParser(prog="framecap ingest", description=__doc__.splitlines()[0])
+def get_args_parser() -> argparse.ArgumentParser:
+    """The ``framecap ingest`` parser: :func:`~cloud.service.add_common_arguments`."""
+    parser = argparse.ArgumentParser(
+        prog="framecap ingest",
+        description="Store the frames devices publish over MQTT in S3 (frames/) and acknowledge "
+        "each to its device. Options override the YAML config.",
+    )
     add_common_arguments(parser)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``framecap ingest``; returns 0 after SIGINT/SIGTERM, 2 on a bad config (also a TLS file
+    it names that is missing, a busy metrics port)."""
+    from cloud.service import start_metrics
+    from common.config import missing_files
+
+    args = get_args_parser().parse_args(argv)
     setup_logging(args.verbose)
     try:
         config = load_config(IngestConfig, args.config, common_overrides(args))
@@ -355,8 +368,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"framecap ingest: invalid config:\n{err}", file=sys.stderr)
         return 2
     if args.validate_config:
+        problems = missing_files(config)
+        if problems:
+            print("framecap ingest: invalid config:\n" + "\n".join(problems), file=sys.stderr)
+            return 2
         print("framecap ingest: config OK")
         return 0
-    if config.metrics_port is not None:
-        metrics.serve(config.metrics_port)
+    problem = start_metrics(config.metrics_port)
+    if problem is not None:
+        print(f"framecap ingest: {problem}", file=sys.stderr)
+        return 2
     return run_until_signal(IngestService(config), "ingest")
