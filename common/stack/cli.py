@@ -43,15 +43,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     up.add_argument("--mqtt-port", type=int, help="MQTT port (default: a free one)")
     up.add_argument("--s3-port", type=int, help="S3 port (default: a free one; port+10000 is used too)")
     up.add_argument("--bucket", default=DEFAULT_BUCKET, help="bucket to create (default: %(default)s)")
-    up.add_argument("--device", action="append", default=[], help="device account to create (repeatable)")
-    up.add_argument("--tls", action="store_true", help="also open a TLS listener (CA generated)")
-    up.add_argument("--timeout", type=float, default=90.0, help="seconds to wait for the servers")
+    up.add_argument("--device", action="append", default=[],
+                    help="device account to create (repeatable; default: none)")
+    up.add_argument("--tls", action="store_true", help="also open a TLS listener, CA generated (default: off)")
+    up.add_argument("--timeout", type=float, default=90.0,
+                    help="seconds to wait for the servers (default: %(default)s)")
     down = sub.add_parser("down", parents=[common], help="stop what 'up' started")
     down.add_argument("--timeout", type=float, default=30.0,
-                      help="seconds before SIGKILL (SeaweedFS takes ~17 s to stop gracefully)")
+                      help="seconds before SIGKILL; SeaweedFS takes ~17 s to stop gracefully "
+                           "(default: %(default)s)")
     status = sub.add_parser("status", parents=[common],
                             help="show what runs, what was stopped and what died (exit 3 unless both run)")
-    status.add_argument("--json", action="store_true", help="print status as JSON")
+    status.add_argument("--json", action="store_true", help="print status as JSON (default: text)")
     add = sub.add_parser("add-device", parents=[common], help="create a device account and its ACL")
     add.add_argument("name", help="device_id (letters, digits, '.', '_', '-')")
     env = sub.add_parser("env", parents=[common],
@@ -62,6 +65,10 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def _up(args: argparse.Namespace) -> int:
+    # up creates the bucket through S3: without boto3 (the 'stack' extra) say so now, before
+    # starting any server (framecap's entry point names the extra)
+    import boto3  # noqa: F401
+
     stack = LocalStack(args.state_dir, mqtt_port=args.mqtt_port, s3_port=args.s3_port,
                        bucket=args.bucket, devices=args.device, tls=args.tls)
     try:
@@ -114,6 +121,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.action == "up":
             return _up(args)
         return _on_loaded(LocalStack.load(args.state_dir), args)
-    except (StackError, ValueError) as err:
+    except (StackError, ValueError, OSError) as err:  # ValueError: a bad device name
         print(f"framecap stack {args.action}: {err}", file=sys.stderr)
         return 1
