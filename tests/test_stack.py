@@ -129,8 +129,9 @@ def test_device_cannot_publish_as_another_device(stack_ns, wait_until) -> None: 
         dev_a.publish(t.status(b), b"offline")
         dev_a.publish(t.acks(a), b"self-ack")
         dev_a.publish(t.frames(a), b"genuine frame")
+        # mosquitto routes one client's PUBLISHes in the order they come and queues them to a
+        # subscriber in that order: once the genuine frame is here, a forged one would be too.
         assert wait_until(lambda: ingest.payloads(t.frames(a)) == [b"genuine frame"], 5)
-        time.sleep(0.2)
         assert ingest.payloads(t.frames(b)) == []
         assert ingest.payloads(t.status(b)) == []
     finally:
@@ -144,14 +145,15 @@ def test_device_cannot_read_another_devices_captions(stack_ns, wait_until) -> No
     worker = Client(stack_ns.mqtt_config("worker"))
     dev_b = Client(stack_ns.mqtt_config(b))
     try:
-        # mosquitto 2.0 grants the SUBSCRIBE and applies the ACL to each message delivered.
-        dev_b.subscribe(t.captions(a))
-        dev_b.subscribe(t.all_devices("captions"))
+        # Dynamic security checks a SUBSCRIBE when it is made (and each delivery again).
+        assert dev_b.subscribe(t.captions(a)).is_failure
+        assert dev_b.subscribe(t.all_devices("captions")).is_failure
         assert dev_b.subscribe(t.captions(b)).value == 1
         worker.publish(t.captions(a), b"caption of a")
         worker.publish(t.captions(b), b"caption of b")
+        # The worker's messages are queued to dev_b in the order it sent them: once the caption
+        # of b is here, the caption of a would be too.
         assert wait_until(lambda: b"caption of b" in dev_b.payloads(t.captions(b)), 5)
-        time.sleep(0.2)
         assert dev_b.payloads(t.captions(a)) == []
     finally:
         worker.close()
@@ -170,8 +172,9 @@ def test_service_accounts_only_write_their_own_kind(stack_ns, wait_until) -> Non
         ingest.publish(t.captions(dev), b"ingest caption")
         ingest.publish(t.acks(dev), b"ack")
         worker.publish(t.captions(dev), b"caption")
-        assert wait_until(lambda: len(admin.messages) >= 2, 5)
-        time.sleep(0.2)
+        # Each account's refused message went out before its allowed one, and one client's
+        # messages reach a subscriber in the order it sent them.
+        assert wait_until(lambda: {b"ack", b"caption"} <= {p for _, p in admin.messages}, 5)
         assert sorted(p for _, p in admin.messages) == [b"ack", b"caption"]
     finally:
         for c in (admin, worker, ingest):
@@ -188,8 +191,10 @@ def test_web_account_reads_captions_and_status_and_writes_only_alerts(stack_ns, 
     device = Client(stack_ns.mqtt_config(dev))
     try:
         admin.subscribe(f"{stack_ns.prefix}/#")
-        for kind in ("captions", "status", "acks", "frames"):
-            web.subscribe(t.all_devices(kind))
+        for kind in ("captions", "status"):
+            assert web.subscribe(t.all_devices(kind)).value == 1
+        for kind in ("acks", "frames"):  # refused when subscribed (and at each delivery)
+            assert web.subscribe(t.all_devices(kind)).is_failure
         # What the web account may not publish: dropped by the broker.
         web.publish(t.frames(dev), b"web frame")
         web.publish(t.captions(dev), b"web caption")
@@ -201,10 +206,13 @@ def test_web_account_reads_captions_and_status_and_writes_only_alerts(stack_ns, 
         device.publish(t.status(dev), b"online")
         worker.publish(t.captions(dev), b"caption")
         web.publish(t.alerts(dev), b"alert")  # the one thing it may publish
+        # One client's messages reach a subscriber in the order it sent them: the web account's
+        # refused messages went out before its alert, the device's frame before its status.
         assert wait_until(lambda: admin.payloads(t.alerts(dev)) == [b"alert"], 5)
         assert wait_until(lambda: web.payloads(t.captions(dev)) == [b"caption"], 5)
         assert wait_until(lambda: web.payloads(t.status(dev)) == [b"online"], 5)
-        time.sleep(0.2)
+        assert wait_until(lambda: all(admin.payloads(topic) for topic in (t.captions(dev), t.frames(dev),
+                                                                          t.status(dev), t.acks(dev))), 5)
         assert web.payloads(t.acks(dev)) == [] and web.payloads(t.frames(dev)) == []
         assert admin.payloads(t.captions(dev)) == [b"caption"]
         assert admin.payloads(t.frames(dev)) == [b"frame"]
@@ -221,14 +229,16 @@ def test_a_device_reads_only_its_own_alerts(stack_ns, wait_until) -> None:  # no
     web = Client(stack_ns.mqtt_config("web"))
     dev_b = Client(stack_ns.mqtt_config(b))
     try:
-        dev_b.subscribe(t.alerts(a))
-        dev_b.subscribe(t.all_devices("alerts"))
+        assert dev_b.subscribe(t.alerts(a)).is_failure
+        assert dev_b.subscribe(t.all_devices("alerts")).is_failure
         assert dev_b.subscribe(t.alerts(b)).value == 1
-        dev_b.publish(t.alerts(b), b"forged by the device")  # a device may read, not write, alerts
+        # A device may read, not write, alerts. Its PUBACK comes after mosquitto routed (or
+        # refused) the message, and the web's alerts go out after that PUBACK; the web's two
+        # alerts reach dev_b in the order sent: once "alert of b" is here, anything else would be.
+        dev_b.publish(t.alerts(b), b"forged by the device")
         web.publish(t.alerts(a), b"alert of a")
         web.publish(t.alerts(b), b"alert of b")
         assert wait_until(lambda: b"alert of b" in dev_b.payloads(t.alerts(b)), 5)
-        time.sleep(0.2)
         assert dev_b.payloads(t.alerts(a)) == []
         # Two matching subscriptions may deliver it twice; the forged one never.
         assert set(dev_b.payloads(t.alerts(b))) == {b"alert of b"}
@@ -307,10 +317,12 @@ def test_mosquitto_restart_keeps_persistent_sessions(stack_ns, wait_until) -> No
         return client
 
     got: list[bytes] = []
+    subacked = threading.Event()
     sub = subscriber()
+    sub.on_subscribe = lambda *args: subacked.set()
     sub.subscribe(topic, qos=1)
     sub.loop_start()
-    time.sleep(0.3)
+    assert subacked.wait(10), "no SUBACK"  # the subscription is in the session before it goes
     sub.disconnect()
     sub.loop_stop()
     pub = Client(stack_ns.mqtt_config(dev))
