@@ -36,10 +36,10 @@ from common.config import ConfigError, EdgeConfig, load_config
 from common.messages import CaptionRecord, FrameMetadata
 from common.topics import validate_id
 from edge.capture import CapturedFrame, FrameSource, SourceError
-from edge.encoding import EncodingError, encode_jpeg
+from edge.encoding import EncodingError, JpegEncoder
 from edge.publisher import FramePublisher
 from edge.sampling import FrameSampler, SampleDecision
-from edge.spool import FrameSpool, SpoolError
+from edge.spool import FSYNC_INTERVAL_S, FrameSpool, FsyncPolicy, SpoolError
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,10 @@ class EdgeDaemon:
             the capture thread; must return quickly): the edge's record of what it sampled.
         source_factory: builds the frame source from the config and the capture stop event
             (embedding and tests: e.g. a live source); :meth:`make_source` when None.
+        spool_fsync: the spool's fsync policy, ``"interval"`` (a power cut loses at most the
+            frames of the last ``spool_fsync_interval_s`` not yet acked; a crash nothing) or
+            ``"always"`` (two fsyncs a frame); see :mod:`edge.spool`.
+        spool_fsync_interval_s: seconds, for ``"interval"``.
     """
 
     def __init__(
@@ -132,7 +136,12 @@ class EdgeDaemon:
         print_captions: bool = True,
         on_spooled: Callable[[FrameMetadata], None] | None = None,
         source_factory: Callable[[EdgeConfig, threading.Event], FrameSource] | None = None,
+        spool_fsync: FsyncPolicy = "interval",
+        spool_fsync_interval_s: float = FSYNC_INTERVAL_S,
     ) -> None:
+        self._spool_fsync = spool_fsync
+        self._spool_fsync_interval_s = spool_fsync_interval_s
+        self._encoder = JpegEncoder(config.encoding)
         self.config = config
         self.on_spooled = on_spooled
         self._source_factory = source_factory or self.make_source
@@ -174,7 +183,9 @@ class EdgeDaemon:
         cfg = self.config
         try:
             self._spool = FrameSpool(cfg.spool.directory, cfg.device_id,
-                                     max_frames=cfg.spool.max_frames, max_bytes=cfg.spool.max_bytes)
+                                     max_frames=cfg.spool.max_frames, max_bytes=cfg.spool.max_bytes,
+                                     fsync=self._spool_fsync,
+                                     fsync_interval_s=self._spool_fsync_interval_s)
         except (SpoolError, OSError) as err:
             self._summary.error = str(err)
             logger.error("%s: %s", self.device_id, err)
@@ -202,10 +213,21 @@ class EdgeDaemon:
             self._capture_stop.set()
             capture.join(timeout=10)
             self._publisher.stop()
+            self._close_spool()
         summary = self.summary()
         summary.stopped = self._stop_requested.is_set()
         logger.info("%s: finished: %s", self.device_id, summary.to_json())
         return summary
+
+    def _close_spool(self) -> None:
+        """Make the frames left in the spool durable and record the exact next seq."""
+        if self._spool is None:
+            return
+        try:
+            self._spool.close()
+        except OSError as err:
+            logger.error("%s: spool %s: cannot sync it at exit: %s", self.device_id,
+                         self.config.spool.directory, err)
 
     @staticmethod
     def make_source(cfg: EdgeConfig, stop_event: threading.Event) -> FrameSource:
@@ -308,7 +330,7 @@ class EdgeDaemon:
         """Encode and spool one sampled frame; False (logged) if it could not be."""
         assert self._spool is not None and self._publisher is not None
         try:
-            encoded = encode_jpeg(frame.image, self.config.encoding)
+            encoded = self._encoder.encode(frame.image)
             seq = self._spool.allocate_seq()
             frame_id = make_frame_id(frame.captured_at, seq)
             metadata = FrameMetadata(
@@ -316,7 +338,7 @@ class EdgeDaemon:
                 seq=seq, width=encoded.width, height=encoded.height,
                 sha256=_sha256(encoded.jpeg),
             )
-            self._spool.put(metadata, encoded.jpeg)
+            self._spool.put(metadata, encoded.jpeg, verify=False)  # hashed just above
         except (EncodingError, SpoolError, OSError) as err:
             logger.error("%s: source frame %d at %.3f s not spooled: %s",
                          self.device_id, frame.index, frame.timestamp_s, err)

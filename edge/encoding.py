@@ -4,6 +4,11 @@ Order of concessions (:func:`encode_jpeg`): scale down to ``max_width``; try qua
 ``quality`` down to ``min_quality``; then, at ``min_quality``, scale by 0.75 per step until the
 JPEG fits. A frame that does not fit even at :data:`MIN_SIDE` pixels raises
 :class:`EncodingError`.
+
+:class:`JpegEncoder` does the same for a stream of frames, starting at the quality that fitted
+the previous frame, so a camera whose frames are over the cap at ``quality`` (1280x720 at 85,
+say) encodes each frame once, not twice (issue 9). It tries a higher quality again when a frame
+comes out well under the cap, and not again for a while after such a try overshot.
 """
 
 from __future__ import annotations
@@ -107,3 +112,69 @@ def encode_jpeg(image: np.ndarray, config: EncodingConfig | None = None) -> Enco
         f"frame does not fit in {config.max_bytes} bytes even at quality {quality} and "
         f"{image.shape[1]}x{image.shape[0]} pixels (smallest try: {len(jpeg)} bytes)"
     )
+
+
+STEP_RATIO = 1.4  # first guess of size(quality + QUALITY_STEP) / size(quality)
+RETRY_HIGHER_AFTER = 100  # frames at a quality below ``quality`` before trying one step up anyway
+
+
+class JpegEncoder:
+    """Encodes a stream of frames under the cap, predicting each frame's quality from the
+    previous frame (:func:`encode_jpeg`'s rules for each frame; not thread-safe).
+
+    The next frame starts at the quality that fitted this one, or one step higher when this
+    frame's size times the learnt size ratio of one quality step fits the cap (the ratio is
+    learnt from frames encoded at two qualities), or when it has been lower for
+    :data:`RETRY_HIGHER_AFTER` frames.
+
+    Args:
+        config: ``max_bytes``, ``quality``, ``min_quality``, ``max_width``; defaults if None.
+
+    Attributes:
+        encodes: JPEG encodings done so far (one per frame while the prediction holds).
+    """
+
+    def __init__(self, config: EncodingConfig | None = None) -> None:
+        self.config = config or EncodingConfig()
+        self._quality = self.config.quality  # where the next frame starts
+        self._ratio = STEP_RATIO
+        self._frames_lower = 0  # frames in a row encoded below config.quality
+        self.encodes = 0
+
+    def encode(self, image: np.ndarray) -> EncodedFrame:
+        """Encode one frame under the cap (see :func:`encode_jpeg`).
+
+        Raises:
+            EncodingError: as :func:`encode_jpeg`.
+        """
+        config = self.config
+        _check_image(image)
+        if image.shape[1] > config.max_width:
+            image = _resize(image, config.max_width / image.shape[1])
+        ladder = [q for q in _qualities(config) if q <= self._quality]
+        previous = 0  # size at the quality tried before, bytes
+        for quality in ladder:
+            jpeg = _imencode(image, quality)
+            self.encodes += 1
+            if len(jpeg) <= config.max_bytes:
+                if previous and ladder[0] - quality == QUALITY_STEP:  # learn one step's ratio
+                    self._ratio = 0.5 * self._ratio + 0.5 * previous / len(jpeg)
+                self._predict(quality, len(jpeg))
+                return EncodedFrame(jpeg, image.shape[1], image.shape[0], quality)
+            previous = len(jpeg)
+        self._quality = ladder[-1]  # scaled down at the lowest quality (rare)
+        encoded = encode_jpeg(image, config.model_copy(update={"quality": self._quality}))
+        self.encodes += 1
+        return encoded
+
+    def _predict(self, quality: int, size: int) -> None:
+        """Where the next frame starts, from this frame's quality and size."""
+        self._quality = quality
+        if quality >= self.config.quality:
+            self._frames_lower = 0
+            return
+        self._frames_lower += 1
+        fits = size * self._ratio <= self.config.max_bytes
+        if fits or self._frames_lower >= RETRY_HIGHER_AFTER:
+            self._quality = min(self.config.quality, quality + QUALITY_STEP)
+            self._frames_lower = 0

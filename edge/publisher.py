@@ -417,7 +417,7 @@ class FramePublisher:
         self._mids[info.mid] = frame_id
         if old is None and reason is None:
             self.stats.published += 1
-            logger.info("%s: frame %s published (seq %d, %d bytes)",
+            logger.debug("%s: frame %s published (seq %d, %d bytes)",
                         self.device_id, frame_id, metadata.seq, len(jpeg))
         else:
             self.stats.resent += 1
@@ -463,7 +463,7 @@ class FramePublisher:
                     self._caption_before_ack.discard(ack.frame_id)
                 else:
                     self._awaiting_caption.add(ack.frame_id)
-            logger.info("%s: frame %s acked, stored as %s", self.device_id, ack.frame_id, ack.key)
+            logger.debug("%s: frame %s acked, stored as %s", self.device_id, ack.frame_id, ack.key)
         else:
             self.stats.acks_unknown += 1
             logger.info("%s: frame %s: ack for a frame not in the spool (duplicate or dropped)",

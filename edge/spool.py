@@ -18,13 +18,28 @@ Each ``.frame`` file is::
     header                        UTF-8 JSON {"metadata": FrameMetadata JSON, "jpeg_bytes": n}
     JPEG                          n bytes, whose SHA-256 is metadata.sha256
 
-Files (entries and ``state.json``) are written atomically: a ``.tmp`` file is written and
-fsynced, renamed into place, then the directory is fsynced. A leftover ``.tmp`` (SIGKILL during
-a write) is deleted at load; a file that is truncated, garbled, or whose bytes do not match its
-sha256 is logged and moved to ``quarantine/``, never sent.
+Files (entries and ``state.json``) are written atomically: a ``.tmp`` file is written,
+renamed into place. A leftover ``.tmp`` (SIGKILL during a write) is deleted at load; a file
+that is truncated, garbled, or whose bytes do not match its sha256 is logged and moved to
+``quarantine/``, never sent.
 
-``next_seq`` in ``state.json`` survives restarts, so seq (and the frame_ids built from it)
-keep counting up for the life of the spool.
+Durability (``fsync``, issue 9): a killed process loses nothing either way (the page cache
+outlives it); the policy decides what a power cut may lose.
+
+- ``"interval"`` (default): an entry still spooled ``fsync_interval_s`` after it was written is
+  fsynced (file, then directory) by a background thread. Most frames are acked and deleted long
+  before: they never cost an fsync. A power cut loses at most the frames of the last
+  ``fsync_interval_s`` not yet acked.
+- ``"always"``: each entry is fsynced before :meth:`FrameSpool.put` returns (and the directory
+  after each removal): nothing acknowledged to the caller is lost, at two fsyncs a frame.
+
+``state.json`` holds ``next_seq``, a bound no seq handed out reaches: seqs are reserved in blocks
+of :data:`SEQ_BLOCK` (one fsynced state write per block, not per frame), and a clean
+:meth:`FrameSpool.close` writes the exact next seq. So seq (and the frame_ids built from it)
+keeps counting up for the life of the spool; after a crash it skips the rest of a block.
+
+The spool keeps the JPEGs it wrote in memory (at most :data:`CACHE_BYTES`) until they are
+acked, so publishing a frame does not read back the file it has just written.
 """
 
 from __future__ import annotations
@@ -37,10 +52,12 @@ import os
 import re
 import struct
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from common.messages import FrameMetadata, MessageError
 
@@ -51,6 +68,10 @@ HEADER_LEN = struct.Struct(">I")
 MAX_HEADER_BYTES = 64 * 1024
 STATE_FORMAT = 1
 QUARANTINE_KEEP = 100
+SEQ_BLOCK = 1000  # seqs reserved per fsynced state write
+CACHE_BYTES = 16 << 20  # JPEGs kept in memory for publishing, bytes
+FSYNC_INTERVAL_S = 1.0  # "interval" policy: fsync entries still spooled after this, seconds
+FsyncPolicy = Literal["interval", "always"]
 _ENTRY_RE = re.compile(r"^(?P<seq>\d{12})_(?P<frame_id>[A-Za-z0-9._-]+)\.frame$")
 
 
@@ -87,18 +108,33 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_atomic(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes, *, sync: bool = True) -> None:
     """Write ``data`` to ``path`` so a crash leaves either the old file or the new one.
 
-    Writes ``.{name}.tmp``, fsyncs it, renames it over ``path`` and fsyncs the directory.
+    Writes ``.{name}.tmp`` and renames it over ``path``; with ``sync`` (a power cut too) it
+    fsyncs the file before the rename and the directory after.
     """
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if sync:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    if sync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    """fsync a file written earlier; a file gone meanwhile (acked) needs none."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def encode_entry(metadata: FrameMetadata, jpeg: bytes) -> bytes:
@@ -149,13 +185,24 @@ class FrameSpool:
         device_id: for log lines and to refuse a spool made by another device.
         max_frames: most entries kept; beyond it the oldest is dropped.
         max_bytes: most bytes of entry files kept; beyond it the oldest are dropped.
+        fsync: ``"interval"`` or ``"always"`` (see the module doc).
+        fsync_interval_s: with ``"interval"``, fsync entries still spooled this long after
+            they were written, seconds.
 
     Raises:
         SpoolError: the directory cannot be created or belongs to another device_id.
+        ValueError: an unknown ``fsync`` policy or a negative interval.
     """
 
     def __init__(self, directory: Path, device_id: str, *, max_frames: int = 10000,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, fsync: FsyncPolicy = "interval",
+                 fsync_interval_s: float = FSYNC_INTERVAL_S) -> None:
+        if fsync not in ("interval", "always"):
+            raise ValueError(f"fsync must be 'interval' or 'always', got {fsync!r}")
+        if fsync_interval_s < 0:
+            raise ValueError(f"fsync_interval_s must be >= 0, got {fsync_interval_s}")
+        self.fsync = fsync
+        self.fsync_interval_s = fsync_interval_s
         self.directory = Path(directory)
         self.device_id = device_id
         self.max_frames = max_frames
@@ -169,6 +216,14 @@ class FrameSpool:
         self.dropped = 0  # oldest entries dropped because the spool was full
         self.corrupt = 0  # entries quarantined as corrupt
         self.removed = 0  # entries removed on ack
+        self.fsyncs = 0  # entry files fsynced (not counting state.json and directories)
+        self._cache: OrderedDict[str, bytes] = OrderedDict()  # frame_id -> JPEG, oldest first
+        self._cache_bytes = 0
+        self._unsynced: OrderedDict[str, float] = OrderedDict()  # frame_id -> written at
+        self._sync_wake = threading.Event()
+        self._sync_stop = threading.Event()
+        self._sync_thread: threading.Thread | None = None
+        self._reserved_seq = 0  # state.json says no seq below this was handed out
         try:
             self.entries_dir.mkdir(parents=True, exist_ok=True)
             self.quarantine_dir.mkdir(exist_ok=True)
@@ -176,6 +231,7 @@ class FrameSpool:
             raise SpoolError(f"{device_id}: cannot create spool directory {directory}: {err}") from err
         self._next_seq = self._load_state()
         self._load_entries()
+        self._reserved_seq = self._next_seq
 
     # -- loading -------------------------------------------------------------------------
     def _load_state(self) -> int:
@@ -248,23 +304,41 @@ class FrameSpool:
 
     # -- writing -------------------------------------------------------------------------
     def allocate_seq(self) -> int:
-        """Return the next seq and persist the counter (atomically) before returning it."""
+        """Return the next seq; the counter on disk (fsynced) is always above it.
+
+        Seqs are reserved :data:`SEQ_BLOCK` at a time, so most calls write nothing.
+
+        Raises:
+            OSError: ``state.json`` cannot be written (the seq is not handed out).
+        """
         with self._lock:
             seq = self._next_seq
+            if seq + 1 > self._reserved_seq:
+                self._write_state(seq + SEQ_BLOCK)
             self._next_seq += 1
-            state = {"format": STATE_FORMAT, "device_id": self.device_id, "next_seq": self._next_seq}
-            write_atomic(self.state_path, json.dumps(state).encode())
             return seq
 
-    def put(self, metadata: FrameMetadata, jpeg: bytes) -> SpoolEntry:
-        """Store a frame durably (atomic write, fsync), dropping the oldest frames if full.
+    def _write_state(self, next_seq: int) -> None:
+        state = {"format": STATE_FORMAT, "device_id": self.device_id, "next_seq": next_seq}
+        write_atomic(self.state_path, json.dumps(state).encode())
+        self._reserved_seq = next_seq
+
+    def put(self, metadata: FrameMetadata, jpeg: bytes, *, verify: bool = True) -> SpoolEntry:
+        """Store a frame (atomic write; durable as the ``fsync`` policy says), dropping the
+        oldest frames if full.
+
+        Args:
+            metadata: the frame's metadata (its seq from :meth:`allocate_seq`).
+            jpeg: the JPEG bytes.
+            verify: check ``jpeg`` against ``metadata.sha256`` (False: the caller just hashed it).
 
         Raises:
             SpoolError: the frame alone is larger than ``max_bytes``, its frame_id is already
                 spooled, or the write failed (disk full, read-only...).
             MessageError: ``jpeg`` does not match ``metadata.sha256``.
         """
-        metadata.check_payload(jpeg)
+        if verify:
+            metadata.check_payload(jpeg)
         data = encode_entry(metadata, jpeg)
         if len(data) > self.max_bytes:
             raise SpoolError(f"{self.device_id}: frame {metadata.frame_id} ({len(data)} bytes) "
@@ -274,16 +348,87 @@ class FrameSpool:
             if metadata.frame_id in self._entries:
                 raise SpoolError(f"{self.device_id}: frame {metadata.frame_id} is already spooled")
             self._make_room(len(data))
-            try:
-                write_atomic(path, data)
-            except OSError as err:
-                path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
-                raise SpoolError(f"{self.device_id}: frame {metadata.frame_id}: "
-                                 f"cannot write spool entry {path}: {err}") from err
-            entry = SpoolEntry(metadata, path, len(data))
+        try:  # outside the lock: the publisher's acks never wait for this disk write
+            write_atomic(path, data, sync=self.fsync == "always")
+        except OSError as err:
+            path.with_name(f".{path.name}.tmp").unlink(missing_ok=True)
+            raise SpoolError(f"{self.device_id}: frame {metadata.frame_id}: "
+                             f"cannot write spool entry {path}: {err}") from err
+        entry = SpoolEntry(metadata, path, len(data))
+        with self._lock:
             self._entries[metadata.frame_id] = entry
             self._bytes += entry.size
-            return entry
+            self._cache[metadata.frame_id] = jpeg
+            self._cache_bytes += len(jpeg)
+            while self._cache_bytes > CACHE_BYTES and self._cache:
+                self._cache_bytes -= len(self._cache.popitem(last=False)[1])
+            if self.fsync == "interval":
+                first = not self._unsynced
+                self._unsynced[metadata.frame_id] = time.monotonic()
+                self._start_sync_thread()
+                if first:
+                    self._sync_wake.set()
+            else:
+                self.fsyncs += 1
+        return entry
+
+    # -- the "interval" fsync policy -----------------------------------------------------
+    def _start_sync_thread(self) -> None:
+        if self._sync_thread is None and not self._sync_stop.is_set():
+            self._sync_thread = threading.Thread(target=self._sync_loop, daemon=True,
+                                                 name=f"spool-sync-{self.device_id}")
+            self._sync_thread.start()
+
+    def _sync_loop(self) -> None:
+        while not self._sync_stop.is_set():
+            with self._lock:
+                oldest = next(iter(self._unsynced.values()), None)
+            wait = None if oldest is None else max(0.0, oldest + self.fsync_interval_s
+                                                   - time.monotonic())
+            self._sync_wake.wait(wait)
+            self._sync_wake.clear()
+            try:
+                self.sync(older_than_s=self.fsync_interval_s)
+            except Exception:  # noqa: BLE001 - keep syncing; the next pass tries again
+                logger.exception("%s: spool fsync failed", self.device_id)
+
+    def sync(self, older_than_s: float = 0.0) -> int:
+        """fsync the entries written at least ``older_than_s`` seconds ago, not yet synced and
+        still spooled, then the directory; returns how many files were synced.
+
+        Raises:
+            OSError: an fsync failed.
+        """
+        cutoff = time.monotonic() - older_than_s
+        due: list[Path] = []
+        with self._lock:
+            while self._unsynced:
+                frame_id, written = next(iter(self._unsynced.items()))
+                if written > cutoff:
+                    break
+                self._unsynced.popitem(last=False)
+                entry = self._entries.get(frame_id)
+                if entry is not None:
+                    due.append(entry.path)
+        for path in due:
+            _fsync_file(path)
+        if due:
+            _fsync_dir(self.entries_dir)
+            with self._lock:
+                self.fsyncs += len(due)
+        return len(due)
+
+    def close(self) -> None:
+        """Make every spooled frame durable and write the exact next seq; stop the fsync
+        thread. The spool stays usable (a later put starts nothing new)."""
+        self._sync_stop.set()
+        self._sync_wake.set()
+        if self._sync_thread is not None:
+            self._sync_thread.join(5.0)
+        self.sync()
+        with self._lock, contextlib.suppress(OSError):
+            if self._reserved_seq != self._next_seq:
+                self._write_state(self._next_seq)
 
     def _make_room(self, size: int) -> None:
         while self._entries and (
@@ -300,6 +445,10 @@ class FrameSpool:
         if entry is None:
             return None
         self._bytes -= entry.size
+        self._unsynced.pop(frame_id, None)
+        jpeg = self._cache.pop(frame_id, None)
+        if jpeg is not None:
+            self._cache_bytes -= len(jpeg)
         try:
             entry.path.unlink(missing_ok=True)
         except OSError as err:
@@ -314,16 +463,23 @@ class FrameSpool:
             entry = self._discard(frame_id)
         if entry is not None:
             self.removed += 1
-            with contextlib.suppress(OSError):
-                _fsync_dir(self.entries_dir)
+            if self.fsync == "always":
+                with contextlib.suppress(OSError):
+                    _fsync_dir(self.entries_dir)
         return entry is not None
 
     def read(self, frame_id: str) -> tuple[FrameMetadata, bytes] | None:
-        """The metadata and JPEG of a spooled frame, checked; None if gone or corrupt."""
+        """The metadata and JPEG of a spooled frame, checked; None if gone or corrupt.
+
+        A frame written by this process comes from memory (the bytes it was given); one found
+        at start is read from its file and checked."""
         with self._lock:
             entry = self._entries.get(frame_id)
+            jpeg = self._cache.get(frame_id)
         if entry is None:
             return None
+        if jpeg is not None:
+            return entry.metadata, jpeg
         try:
             return decode_entry(entry.path.read_bytes())
         except FileNotFoundError:

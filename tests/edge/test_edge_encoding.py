@@ -66,3 +66,42 @@ def test_impossible_cap_raises_a_clear_error() -> None:
 def test_not_an_image_raises() -> None:
     with pytest.raises(EncodingError):
         encode_jpeg(np.zeros((4, 4, 3), np.float32))
+
+
+def _noisy_720p(street: np.ndarray, seed: int) -> np.ndarray:
+    frame = cv2.resize(street, (1280, 720), interpolation=cv2.INTER_CUBIC).astype(np.float32)
+    noise = np.random.default_rng(seed).normal(0, 6, frame.shape)
+    return np.clip(frame + noise, 0, 255).astype(np.uint8)
+
+
+def test_a_stream_over_the_cap_at_85_is_encoded_once_per_frame(street: np.ndarray) -> None:
+    """Issue 9: 1280x720 frames over 128 KB at q85 were encoded twice each (85, then 75); the
+    stream encoder starts where the previous frame fitted, and gives what encode_jpeg gives."""
+    from edge.encoding import JpegEncoder
+
+    config = EncodingConfig()
+    frames = [_noisy_720p(street, seed) for seed in range(12)]
+    first = encode_jpeg(frames[0], config)
+    assert first.quality < config.quality  # over the cap at 85: the case in question
+    encoder = JpegEncoder(config)
+    results = [encoder.encode(frame) for frame in frames]
+    assert all(len(r.jpeg) <= config.max_bytes for r in results)
+    assert [r.quality for r in results] == [encode_jpeg(f, config).quality for f in frames]
+    assert encoder.encodes <= len(frames) + 2  # the first frame finds the quality
+
+
+def test_a_stream_goes_back_up_when_frames_get_small(street: np.ndarray) -> None:
+    from edge.encoding import JpegEncoder
+
+    config = EncodingConfig()
+    encoder = JpegEncoder(config)
+    noisy = _noisy_720p(street, 0)
+    low = encoder.encode(noisy).quality
+    assert low < config.quality
+    calm = cv2.GaussianBlur(cv2.resize(street, (1280, 720)), (5, 5), 0)  # room at 85 again
+    from edge.encoding import RETRY_HIGHER_AFTER
+
+    before = encoder.encodes
+    qualities = [encoder.encode(calm).quality for _ in range(RETRY_HIGHER_AFTER + 2)]
+    assert qualities[-1] == config.quality == encode_jpeg(calm, config).quality
+    assert encoder.encodes - before <= len(qualities) + 1  # one encode each, one overshoot

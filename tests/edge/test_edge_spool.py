@@ -47,12 +47,57 @@ def test_reload_keeps_order_and_seq_after_restart(tmp_path: Path) -> None:
     metas = [_put(spool) for _ in range(5)]
     assert spool.remove(metas[1].frame_id)
     assert not spool.remove(metas[1].frame_id)  # a second ack finds nothing
+    spool.close()
     again = FrameSpool(tmp_path, DEVICE)
     assert [e.frame_id for e in again] == [m.frame_id for m in (metas[0], *metas[2:])]
     assert again.next_seq == 5
     for m in metas:  # all acked: the counter still survives
         again.remove(m.frame_id)
+    again.close()
     assert FrameSpool(tmp_path, DEVICE).allocate_seq() == 5
+
+
+def test_after_a_crash_seq_skips_ahead_and_never_repeats(tmp_path: Path) -> None:
+    """seqs are reserved in blocks (one state write per SEQ_BLOCK frames, issue 9): a spool
+    not closed (SIGKILL) restarts after the block, never at a seq already handed out."""
+    from edge.spool import SEQ_BLOCK
+
+    spool = FrameSpool(tmp_path, DEVICE)
+    seqs = [spool.allocate_seq() for _ in range(SEQ_BLOCK + 3)]
+    assert seqs == list(range(SEQ_BLOCK + 3))
+    state = (tmp_path / "state.json").read_text()
+    assert f'"next_seq": {2 * SEQ_BLOCK}' in state  # two state writes for 1003 frames
+    again = FrameSpool(tmp_path, DEVICE)  # no close(): a crash
+    assert again.allocate_seq() == 2 * SEQ_BLOCK
+
+
+def test_interval_policy_fsyncs_only_frames_still_waiting(tmp_path: Path, wait_until) -> None:
+    """Issue 9: a frame acked within fsync_interval_s costs no fsync; one still spooled then
+    is fsynced by the spool's thread; "always" fsyncs each frame before put returns."""
+    spool = FrameSpool(tmp_path / "a", DEVICE, fsync_interval_s=0.3)
+    quick = _put(spool)
+    assert spool.remove(quick.frame_id)
+    slow = _put(spool)
+    assert spool.fsyncs == 0
+    assert wait_until(lambda: spool.fsyncs == 1, 5)
+    assert slow.frame_id in spool
+    spool.close()
+    always = FrameSpool(tmp_path / "b", DEVICE, fsync="always")
+    _put(always)
+    assert always.fsyncs == 1
+    with pytest.raises(ValueError, match="fsync"):
+        FrameSpool(tmp_path / "c", DEVICE, fsync="never")  # type: ignore[arg-type]
+
+
+def test_a_frame_written_here_is_published_from_memory(tmp_path: Path) -> None:
+    """No read back of the file just written (issue 9); a spool loaded at start reads files."""
+    spool = FrameSpool(tmp_path, DEVICE)
+    meta, jpeg = _frame(spool)
+    spool.put(meta, jpeg)
+    path = next(iter(spool)).path
+    path.write_bytes(b"changed on disk")
+    assert spool.read(meta.frame_id) == (meta, jpeg)
+    assert spool.remove(meta.frame_id) and spool.read(meta.frame_id) is None
 
 
 def test_corrupt_and_half_written_entries_are_quarantined(tmp_path: Path, caplog) -> None:
@@ -76,8 +121,8 @@ def test_corrupt_and_half_written_entries_are_quarantined(tmp_path: Path, caplog
 
 
 def test_corruption_after_load_is_caught_at_read(tmp_path: Path) -> None:
-    spool = FrameSpool(tmp_path, DEVICE)
-    meta = _put(spool)
+    meta = _put(FrameSpool(tmp_path, DEVICE))
+    spool = FrameSpool(tmp_path, DEVICE)  # loaded at start: read from the file, checked
     path = next(iter(spool)).path
     path.write_bytes(path.read_bytes()[:-1] + b"X")
     assert spool.read(meta.frame_id) is None
