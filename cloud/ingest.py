@@ -5,13 +5,15 @@ subscription, 4.8.2) so replicas split the load, with a clean session (a replace
 strands nothing in the broker; see :mod:`cloud.service`) and manual acks. At start it probes
 S3 (credentials, bucket) and refuses to start on an error no retry heals. On stop it first
 leaves the share group (UNSUBSCRIBE), so new frames go to the other replicas, then stores and
-acks the frames it already received, then disconnects. The paho callback only enqueues; one worker thread
-validates each frame, puts it under ``frames/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.jpg`` with
-``If-None-Match: *`` (a redelivered frame never makes a second object nor replaces the bytes),
-THEN sends the MQTT PUBACK, then publishes a :class:`~common.messages.FrameAck` on
-``{prefix}/{device_id}/acks`` at QoS 1. One thread keeps the PUBACKs in the order the
-PUBLISHes arrived (MQTT 5.0, 4.6). The in-memory queue is bounded by the broker: it sends at
-most its in-flight limit of unacked QoS 1 messages (mosquitto ``max_inflight_messages``).
+acks the frames it already received, then disconnects. The paho callback only enqueues; a pool
+of ``io_threads`` threads validates each frame and puts it under
+``frames/{device_id}/{YYYY}/{MM}/{DD}/{frame_id}.jpg`` with ``If-None-Match: *`` (a redelivered
+frame never makes a second object nor replaces the bytes), several frames at once (issue 9: one
+S3 round trip at a time capped the ingest); THEN one thread, taking the frames in the order
+their PUBLISHes arrived, sends each MQTT PUBACK (in that order, MQTT 5.0, 4.6) and publishes a
+:class:`~common.messages.FrameAck` on ``{prefix}/{device_id}/acks`` at QoS 1. The in-memory
+queue is bounded by the broker: it sends at most its in-flight limit of unacked QoS 1 messages
+(mosquitto ``max_inflight_messages``).
 
 While S3 is down a frame is retried with backoff, never acked and never dropped; the outage is
 logged once. A permanent S3 error (credentials, access, a missing bucket that
@@ -29,6 +31,7 @@ import sys
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import paho.mqtt.client as mqtt
@@ -53,6 +56,7 @@ logger = logging.getLogger(__name__)
 
 JPEG_CONTENT_TYPE = "image/jpeg"
 DRAIN_QUIET_S = 0.3  # on stop, after leaving the share group: a pause this long ends the drain
+IO_THREADS = 8  # frames validated and stored at once
 
 
 @dataclass
@@ -68,6 +72,10 @@ class _Inbound:
     received_at: float = field(default_factory=time.monotonic)
 
 
+# what became of a frame: refused (why), or stored / duplicate / conflict, with the frame
+_Outcome = InvalidFrame | tuple[str, ValidFrame]
+
+
 class IngestService(CloudService):
     """Stores MQTT frames in S3 and acknowledges them; see the module docstring.
 
@@ -77,6 +85,7 @@ class IngestService(CloudService):
             :meth:`start` when None.
         client_id: MQTT client_id; default ``config.mqtt.client_id``, else
             :func:`default_client_id`.
+        io_threads: frames validated and stored in S3 at once.
 
     Attributes:
         counters: (property) a snapshot: ``received``, ``stored``, ``duplicates``,
@@ -89,7 +98,10 @@ class IngestService(CloudService):
         *,
         store: ObjectStore | None = None,
         client_id: str | None = None,
+        io_threads: int = IO_THREADS,
     ) -> None:
+        if io_threads < 1:
+            raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         super().__init__(
             "ingest",
             config.mqtt,
@@ -103,6 +115,11 @@ class IngestService(CloudService):
         self._last_received = 0.0  # time.monotonic() of the last frame received
         self._queue: queue.Queue[_Inbound | None] = queue.Queue()
         self._thread: threading.Thread | None = None
+        self._acker: threading.Thread | None = None
+        self._io_threads = io_threads
+        self._pool: ThreadPoolExecutor | None = None
+        # frames in the order they arrived, with their validation and S3 outcome to come
+        self._in_order: queue.Queue[tuple[_Inbound, Future[_Outcome]] | None] = queue.Queue()
         self._generation = 0
         self._busy = 0  # frames received and not yet handled (queued or in hand)
 
@@ -121,8 +138,11 @@ class IngestService(CloudService):
         client.share(self._frames_filter, self._on_message, 1)
         self._client = client
         self._stop.clear()
+        self._pool = ThreadPoolExecutor(self._io_threads, thread_name_prefix="ingest-s3")
         self._thread = threading.Thread(target=self._run, name="ingest-worker", daemon=True)
+        self._acker = threading.Thread(target=self._ack_loop, name="ingest-acks", daemon=True)
         self._thread.start()
+        self._acker.start()
         client.start()
         logger.info(
             "ingest %s: started (bucket %s, share group %s)",
@@ -148,8 +168,11 @@ class IngestService(CloudService):
             self._drain(deadline)
         self._stop.set()
         self._queue.put(None)
-        if self._thread is not None:
-            self._thread.join(max(0.0, deadline - time.monotonic()))
+        for thread in (self._thread, self._acker):
+            if thread is not None:
+                thread.join(max(0.0, deadline - time.monotonic()))
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         self._disconnect()
 
     def _drain(self, deadline: float) -> None:
@@ -190,16 +213,34 @@ class IngestService(CloudService):
             )
         )
 
-    # -- worker thread -----------------------------------------------------------------
+    # -- worker threads ----------------------------------------------------------------
     def _run(self) -> None:
-        while not self._stop.is_set():
-            item = self._queue.get()
-            if item is None:
-                break
+        """Hand each received frame to the pool, and to the acker in arrival order."""
+        assert self._pool is not None
+        try:
+            while not self._stop.is_set():
+                item = self._queue.get()
+                if item is None:
+                    break
+                try:
+                    future = self._pool.submit(self._check_and_store, item)
+                except RuntimeError:  # the pool is shut down: stopping
+                    break
+                self._in_order.put((item, future))
+        finally:
+            self._in_order.put(None)
+
+    def _ack_loop(self) -> None:
+        """PUBACK and FrameAck each frame once stored, in the order the frames arrived."""
+        while True:
+            entry = self._in_order.get()
+            if entry is None:
+                return
+            item, future = entry
             try:
-                self.handle(item)
+                self._conclude(item, future.result())
             except Stopping:
-                break
+                return  # S3 down at stop: this frame and the later ones stay unacked
             except Exception:  # noqa: BLE001 - one bad frame must never stop the service
                 logger.exception("ingest: unexpected error on a message from %s", item.topic)
             finally:
@@ -207,10 +248,18 @@ class IngestService(CloudService):
                     self._busy -= 1
 
     def handle(self, item: _Inbound) -> None:
-        """Validate, store, ack and acknowledge one received frame.
+        """Validate, store, ack and acknowledge one received frame (in the calling thread).
 
         Raises:
             Stopping: :meth:`stop` was called while S3 was down (the frame stays unacked).
+        """
+        self._conclude(item, self._check_and_store(item))
+
+    def _check_and_store(self, item: _Inbound) -> _Outcome:
+        """Validate one frame and store it if valid (a pool thread).
+
+        Raises:
+            Stopping: :meth:`stop` was called while S3 was down.
         """
         self._count("received")
         try:
@@ -223,9 +272,15 @@ class IngestService(CloudService):
                 max_pixels=self.config.max_pixels,
             )
         except InvalidFrame as bad:
-            self._refuse(item, bad)
+            return bad
+        return self._store_frame(frame), frame
+
+    def _conclude(self, item: _Inbound, outcome: _Outcome) -> None:
+        """Count, PUBACK and (for a stored frame) publish the FrameAck of one frame."""
+        if isinstance(outcome, InvalidFrame):
+            self._refuse(item, outcome)
             return
-        result = self._store_frame(frame)
+        result, frame = outcome
         self._count(
             {"stored": "stored", "duplicate": "duplicates", "conflict": "conflicts"}[result]
         )

@@ -93,3 +93,53 @@ def test_a_message_from_an_earlier_connection_is_not_acked() -> None:
     service.handle(item)
     assert client.acks() == []
     assert list(store.objects) == [KEY]
+
+
+def test_frames_are_stored_in_parallel_and_pubacked_in_arrival_order() -> None:
+    """Issue 9: a slow S3 put of one frame does not hold the next frame's put; the PUBACKs
+    still go in the order the PUBLISHes came (MQTT 5.0, 4.6), each after its frame is stored."""
+    release = threading.Event()
+    second_stored = threading.Event()
+
+    class SlowFirst(FakeStore):
+        def put_if_absent(self, key, body, **kw):  # type: ignore[no-untyped-def]
+            if key.endswith("f000001.jpg"):
+                assert release.wait(5)
+            created = super().put_if_absent(key, body, **kw)
+            if key.endswith("f000002.jpg"):
+                second_stored.set()
+            return created
+
+    store, client = SlowFirst(), FakeMqtt()
+    service = IngestService(IngestConfig(), store=store, client_id="test-ingest", io_threads=4)
+    service._client = client  # type: ignore[assignment]
+    from concurrent.futures import ThreadPoolExecutor
+
+    service._pool = ThreadPoolExecutor(4)
+    threads = [threading.Thread(target=service._run), threading.Thread(target=service._ack_loop)]
+    for thread in threads:
+        thread.start()
+    try:
+        for mid, frame_id in ((1, "f000001"), (2, "f000002")):
+            payload = jpeg_bytes(seed=mid)
+            with service._lock:
+                service._busy += 1
+            service._queue.put(inbound(payload, metadata_for(payload, frame_id=frame_id)
+                                       .to_user_properties(), mid=mid))
+        assert second_stored.wait(5)  # stored while the first put still hangs
+        assert client.acks() == []  # but not acked before the first
+        release.set()
+        deadline = threading.Event()
+        for _ in range(100):
+            if len(client.acks()) == 2:
+                break
+            deadline.wait(0.05)
+        assert client.acks() == [("ack", 1, 1), ("ack", 2, 1)]
+        assert len(client.published("/acks")) == 2
+    finally:
+        release.set()
+        service._queue.put(None)
+        for thread in threads:
+            thread.join(5)
+        service._pool.shutdown()
+    assert service.counters["stored"] == 2 and service._busy == 0

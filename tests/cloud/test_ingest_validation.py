@@ -132,3 +132,18 @@ def test_fuzzed_metadata_fields_never_crash(name: str, value: str) -> None:
         check("framecap/cam1/frames", payload, props)
     except InvalidFrame as bad:
         assert bad.reason in {"bad_metadata", "device_mismatch", "sha256_mismatch", "size_mismatch"}
+
+
+def test_odd_sizes_pass_the_scaled_decode_and_a_broken_scan_is_refused() -> None:
+    """The ingest checks the JPEG with a 1/8-scale grey decode (issue 9): sizes that are not
+    multiples of 8 pass; a JPEG whose scan header is destroyed does not decode."""
+    for width, height in ((65, 49), (9, 17), (1, 1)):
+        payload = jpeg_bytes(width, height)
+        check("framecap/cam1/frames", payload,
+              metadata_for(payload, width=width, height=height).to_user_properties())
+    payload = bytearray(jpeg_bytes())
+    sos = payload.index(b"\xff\xda")
+    payload[sos + 2 : sos + 12] = b"\xff" * 10  # the scan header is garbage
+    broken = bytes(payload)
+    assert reason_of("framecap/cam1/frames", broken,
+                     metadata_for(broken).to_user_properties()) == "undecodable"
