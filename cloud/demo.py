@@ -21,14 +21,16 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import shutil
 import sys
 import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
+from common.cli import check_checkpoint, error_line, format_caption_line
 from common.config import (
     EdgeConfig,
     IngestConfig,
@@ -40,7 +42,6 @@ from common.messages import CaptionRecord
 from common.topics import CAPTIONS_PREFIX, FRAMES_PREFIX, validate_id
 
 if TYPE_CHECKING:  # imported when the demo runs: edge and cloud pull in OpenCV, boto3, torch
-    from cloud.service import Service
     from cloud.web.server import WebServer
     from common.stack import LocalStack
     from common.storage import ObjectStore
@@ -48,9 +49,42 @@ if TYPE_CHECKING:  # imported when the demo runs: edge and cloud pull in OpenCV,
 
 logger = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_VIDEO = REPO_ROOT.parent / "shared" / "videos" / "vtest.avi"
+class _Stoppable(Protocol):
+    """What the demo stops at the end: the ingest, the worker, the web server."""
+
+    def stop(self) -> None: ...
+
+
+SOURCE_ENV = "FRAMECAP_DEMO_SOURCE"
 DEFAULT_STATE_DIR = Path(".state/demo")
+# A development checkout (this file under a git work tree) beside the project's shared sample
+# data captions this video when neither --source nor $FRAMECAP_DEMO_SOURCE is given; an
+# installed framecap has no such default.
+_CHECKOUT = Path(__file__).resolve().parents[1]
+_CHECKOUT_VIDEO = _CHECKOUT.parent / "shared" / "videos" / "vtest.avi"
+
+
+def default_source() -> str | None:
+    """``$FRAMECAP_DEMO_SOURCE``, else a development checkout's sample video, else None."""
+    if os.environ.get(SOURCE_ENV):
+        return os.environ[SOURCE_ENV]
+    if (_CHECKOUT / ".git").exists() and _CHECKOUT_VIDEO.is_file():
+        return str(_CHECKOUT_VIDEO)
+    return None
+
+
+def source_problem(source: str) -> str | None:
+    """Why ``source`` cannot be a video source, when it names a file that is not one (missing,
+    a directory); None for a file, a camera index, a URL or a GStreamer pipeline."""
+    if source.isdigit() or "://" in source or "!" in source:
+        return None
+    path = Path(source)
+    if path.is_dir():
+        return f"--source {source}: is a directory, not a video file"
+    if not path.exists():
+        return (f"--source {source}: no such video file (or give a camera index, an RTSP URL "
+                "or a GStreamer pipeline)")
+    return None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -64,7 +98,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--source", default=None,
                    help=f"video file, camera index, RTSP URL or GStreamer pipeline "
-                   f"(default: {DEFAULT_VIDEO} when present)")
+                   f"(default: ${SOURCE_ENV})")
     p.add_argument("--max-frames", type=int, default=12, metavar="N",
                    help="stop after sampling N frames (default 12; 0 = the whole source)")
     p.add_argument("--interval", type=float, default=2.0, metavar="S",
@@ -84,14 +118,14 @@ def get_args_parser() -> argparse.ArgumentParser:
                    "(prints the web URL and a demo login as one JSON line)")
     p.add_argument("--web-port", type=int, default=8080, metavar="PORT",
                    help="port of the web pages on 127.0.0.1 (default 8080; a free one if it is taken)")
-    p.add_argument("-v", "--verbose", action="store_true", help="show the services' INFO logs")
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="show the services' INFO logs and the traceback of an error (default: warnings only)")
     return p
 
 
 def _print_caption(record: CaptionRecord) -> None:
-    when = record.captured_at.strftime("%H:%M:%S.%f")[:-3] if record.captured_at else "?"
-    text = record.caption if record.error is None else f"(no caption: {record.error})"
-    print(f"[{when} UTC] {record.frame_id}: {text}", flush=True)
+    """FRAME_ID<TAB>CAPTION<TAB>SCORE, as ``framecap caption`` and ``framecap edge`` print."""
+    print(format_caption_line(record.frame_id, record.caption, record.score, record.error), flush=True)
 
 
 def _count(store: ObjectStore, prefix: str, frame_ids: set[str]) -> int:
@@ -104,16 +138,16 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
 
     Raises:
         common.stack.StackError: mosquitto or SeaweedFS could not start.
-        FileNotFoundError: the source video or the model does not exist.
+        ImportError: an extra the demo needs is not installed.
     """
+    # everything it needs is imported before any server starts: a missing extra stops it here
     from cloud.ingest import IngestService
+    from cloud.web.server import WebServer  # noqa: F401
     from cloud.worker import CaptionWorker
     from common.stack import LocalStack
     from edge.daemon import EdgeDaemon
 
-    source = args.source or str(DEFAULT_VIDEO)
-    if args.source is None and not DEFAULT_VIDEO.is_file():
-        raise FileNotFoundError(f"no --source given and the default video {DEFAULT_VIDEO} is missing")
+    source = args.source
     device_id = validate_id(args.device_id, "device_id")
     state = args.state_dir.resolve()
     shutil.rmtree(state / "spool", ignore_errors=True)  # a demo starts from an empty spool
@@ -123,7 +157,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, object]:
     stack.up()
     print(f"MQTT mqtt://{stack.host}:{stack.mqtt_port}  S3 {stack.s3_endpoint}  "
           f"bucket {stack.bucket}", flush=True)
-    services: list[Service] = []
+    services: list[_Stoppable] = []  # stopped in reverse order
     try:
         ingest = IngestService(IngestConfig(mqtt=stack.mqtt_config("ingest"), s3=stack.s3_config(role="ingest")))
         ingest.start()
@@ -245,16 +279,32 @@ def _run_edge(edge: EdgeDaemon) -> EdgeSummary:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``framecap demo``; 0 when every sampled frame was stored and captioned."""
-    args = get_args_parser().parse_args(argv)
+    """Entry point of ``framecap demo``: 0 when every sampled frame was stored and captioned;
+    1 when not, or when something failed (one line on stderr; ``-v`` adds the traceback); 2 on
+    a bad option (no source, a source or model path that is missing or a directory)."""
+    parser = get_args_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    args.source = args.source or default_source()
+    if not args.source:
+        parser.exit(2, "framecap demo: no video to caption: give --source (a video file, camera "
+                    f"index, RTSP URL or GStreamer pipeline) or set ${SOURCE_ENV}\n")
+    problem = source_problem(args.source)
+    if problem is None and args.model is not None:
+        problem = check_checkpoint(args.model)
+    if problem is not None:
+        parser.exit(2, f"framecap demo: {problem}\n")
     try:
         result = run_demo(args)
-    except (FileNotFoundError, OSError, ValueError, RuntimeError) as err:
-        print(f"framecap demo: {err}", file=sys.stderr)
+    except ImportError:
+        raise  # framecap's entry point names the extra to install
+    except Exception as err:  # noqa: BLE001 - one line for the user, the traceback with -v
+        logger.debug("framecap demo failed", exc_info=True)
+        hint = "" if args.verbose else " (-v shows the details)"
+        print(f"framecap demo: {type(err).__name__}: {error_line(err)}{hint}", file=sys.stderr)
         return 1
     if not args.serve:  # --serve printed it before it waited
         print(json.dumps(result), flush=True)
