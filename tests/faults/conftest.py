@@ -34,6 +34,7 @@ from fault_harness import (
     outage_s,
     write_yaml,
 )
+from mqtt_subacks import SubackWatch
 
 from cloud.ingest import IngestService
 from cloud.worker import CaptionWorker
@@ -184,10 +185,13 @@ class Pipeline:
         return self.worker
 
     def start_cloud(self) -> None:
-        """In-process ingest and worker, subscribed before the edge starts."""
-        self.start_ingest()
-        self.start_worker()
-        time.sleep(0.3)  # their SUBSCRIBEs go out right after the CONNACK
+        """In-process ingest and worker, subscribed (the broker's SUBACKs came) before the edge
+        starts."""
+        with SubackWatch() as subacks:
+            self.start_ingest()
+            self.start_worker()
+            for service in (self.ingest, self.worker):
+                subacks.wait_for(service)
 
     # -- subprocesses ----------------------------------------------------------------------
     def env(self, user: str) -> dict[str, str]:

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 import paho.mqtt.client as mqtt
 import yaml
+from mqtt_subacks import SubackWatch
 
 from common.config import EdgeConfig, MqttConfig
 from common.messages import CaptionRecord, FrameAck, FrameMetadata, MessageError
@@ -140,9 +141,11 @@ class MessageLog:
         self.client.subscribe(f"{prefix}/+/captions", self._on_caption, 1)
 
     def start(self) -> None:
-        self.client.start()
-        assert self.client.wait_connected(10), "message log could not connect"
-        time.sleep(0.2)  # the SUBSCRIBEs go out right after the CONNACK
+        """Connect, and return once the broker granted both subscriptions (their SUBACKs)."""
+        with SubackWatch() as subacks:
+            self.client.start()
+            assert self.client.wait_connected(10), "message log could not connect"
+            subacks.wait_for(self.client)
 
     def stop(self) -> None:
         self.client.stop()

@@ -18,7 +18,7 @@ import json
 import logging
 import subprocess
 import sys
-import time
+import threading
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -27,6 +27,7 @@ import cv2
 import numpy as np
 import pytest
 from fault_harness import REPO_DIR, VTEST, wait_for
+from mqtt_subacks import SubackWatch
 
 from cloud.ingest import IngestService
 from common.config import EdgeConfig, IngestConfig, SamplingConfig, SpoolConfig
@@ -66,14 +67,16 @@ def test_escaping_ids_are_refused_at_the_ingest_with_device_frame_and_reason(
     caplog.set_level(logging.WARNING, logger="cloud.ingest")
     service = IngestService(IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest")),
                             client_id=stack_ns.client_id("ingest"))
-    service.start()
+    with SubackWatch() as subacks:
+        service.start()
+        assert service.wait_connected(10)
+        subacks.wait_for(service)  # the ingest's share subscription is in place
     admin = MqttClient(stack_ns.mqtt_config("admin"), stack_ns.client_id("admin"), clean_start=True)
     admin.start()
     topics = stack_ns.topics
     payload = _jpeg()
     try:
-        assert service.wait_connected(10) and admin.wait_connected(10)
-        time.sleep(0.3)
+        assert admin.wait_connected(10)
         sent = 0
         for bad in ESCAPING_IDS:  # as frame_id, then as device_id, in the metadata
             for props in (_props(payload, "cam1", bad), _props(payload, bad, "f-bad")):
@@ -89,11 +92,13 @@ def test_escaping_ids_are_refused_at_the_ingest_with_device_frame_and_reason(
         for bad in CONTROL_IDS:
             nul = MqttClient(stack_ns.mqtt_config("admin"), stack_ns.client_id("nul"),
                              clean_start=True)
+            dropped = threading.Event()
+            nul.on_disconnected(dropped.set)
             nul.start()
             assert nul.wait_connected(10)
             nul.publish(topics.frames("cam1"), payload, qos=1,
                         user_properties=_props(payload, "cam1", bad))
-            time.sleep(0.5)
+            assert dropped.wait(10), "mosquitto kept a client that sent a malformed PUBLISH"
             nul.stop()
         admin.publish(topics.frames("cam1"), payload, qos=1,
                       user_properties=_props(payload, "cam1", "f-good"))

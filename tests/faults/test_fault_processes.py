@@ -28,6 +28,7 @@ from fault_harness import (
     measure_recovery,
     wait_for,
 )
+from mqtt_subacks import SubackWatch
 
 from common.messages import FrameMetadata
 from edge.spool import CorruptEntryError, decode_entry, encode_entry
@@ -145,8 +146,11 @@ def test_ingest_sigkill_mid_batch(pipeline: Pipeline,
     row = fault_row("ingest SIGKILL mid-batch, restarted")
     ingest = pipeline.ingest_process().start()
     ingest.wait_for(r"mqtt \S+: connected to", 60)
-    pipeline.start_worker()
-    time.sleep(0.5)
+    # The ingest sends its SUBSCRIBE right after that line; the worker's SUBACK below comes after
+    # mosquitto (one thread, packets in arrival order) handled it. (Its SUBACK is logged at
+    # DEBUG only, which the subprocess does not print.)
+    with SubackWatch() as subacks:
+        subacks.wait_for(pipeline.start_worker())
     edge = EdgeRunner(pipeline.edge_config(40)).start()
     try:
         assert wait_for(lambda: len(edge.record) >= 6, 30)
