@@ -76,7 +76,7 @@ def save_attention_png(path: Path, image: np.ndarray, words: list[str], alphas: 
 
     height, width = image.shape[:2]
     labels = ["<start>", *words, "<end>"][1:] if words else ["<end>"]
-    maps = alphas.view(-1, 1, grid, grid).float()  # (words + 1, 1, grid, grid)
+    maps = alphas.detach().float().cpu().view(-1, 1, grid, grid)  # (words + 1, 1, grid, grid), on the CPU for numpy
     maps = F.interpolate(maps, size=(height, width), mode="bilinear", align_corners=False)[:, 0]  # (words + 1, H, W)
     n = len(labels) + 1
     cols = min(5, n)
