@@ -21,6 +21,7 @@ import pytest
 
 from common import cli
 from common.cli import COMMANDS, EXTRAS, format_caption_line
+from common.messages import CaptionRecord
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -396,10 +397,8 @@ def test_caption_prints_the_one_caption_line_shape(image: Path, tiny_model: Path
     assert line == format_caption_line(str(image), caption, float(score))
 
 
-def _record(caption: str = "a man walks", error: str | None = None):  # type: ignore[no-untyped-def]
+def _record(caption: str = "a man walks", error: str | None = None) -> CaptionRecord:
     from datetime import datetime, timezone
-
-    from common.messages import CaptionRecord
 
     return CaptionRecord(
         frame_id="20261122T064012345Z-000000", device_id="cam1",
