@@ -37,6 +37,7 @@ from common.messages import CaptionRecord, FrameMetadata
 from common.topics import validate_id
 from edge.capture import CapturedFrame, FrameSource, SourceError
 from edge.encoding import EncodingError, JpegEncoder
+from edge.gstreamer import check_source_backend
 from edge.publisher import FramePublisher
 from edge.sampling import FrameSampler, SampleDecision
 from edge.spool import FSYNC_INTERVAL_S, FrameSpool, FsyncPolicy, SpoolError
@@ -429,6 +430,9 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(EdgeConfig, args.config, overrides_from_args(args))
     except ConfigError as err:
         print(f"framecap edge: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    if (problem := check_source_backend(config.source)) is not None:
+        print(f"framecap edge: {problem}", file=sys.stderr)
         return 2
     if args.validate_config:
         print(f"framecap edge: config OK (device {config.device_id}, source {config.source})")

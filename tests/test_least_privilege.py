@@ -255,6 +255,7 @@ def test_compose_broker_config_refuses_a_device_in_the_ingest_share_group(tmp_pa
     conf = conf.replace("/usr/lib/mosquitto_dynamic_security.so", plugin)
     conf = conf.replace("/mosquitto/data/", f"{tmp_path}/")
     conf = conf.replace("listener 1883", f"listener {port} 127.0.0.1").replace("log_dest stdout", "log_dest stderr")
+    conf = conf[:conf.index("\nlistener 8883")] + "\n"  # the TLS listener is tested in tests/test_deploy.py
     (tmp_path / "mosquitto.conf").write_text("user root\n" + conf)
     env = {"PATH": os.environ["PATH"], "FRAMECAP_MOSQUITTO_DATA": str(tmp_path),
            "FRAMECAP_MOSQUITTO_CONF": str(tmp_path / "mosquitto.conf"),

@@ -178,7 +178,7 @@ def mosquitto_conf_text(
         "max_queued_messages 100000",
         "max_queued_bytes 0",
         "max_inflight_messages 100",
-        "message_size_limit 1048576",
+        "max_packet_size 1048576",
         "set_tcp_nodelay true",
         f"log_dest file {log}",
         "log_type error",
