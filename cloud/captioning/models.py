@@ -353,7 +353,8 @@ class DecoderWithAttention(nn.Module):
             hiddens[:bt, t] = state.h
             alphas[:bt, t] = alpha
         mask = torch.arange(max_t, device=hiddens.device)[None] < decode_lengths[:, None]  # (batch, max_t)
-        scores = hiddens.new_zeros(batch, max_t, self.args.vocab_size)  # (batch, max_t, vocab_size)
-        scores[mask] = self.logits(hiddens[mask])  # (num_words, vocab_size): no work on padding
+        logits = self.logits(hiddens[mask])  # (num_words, vocab_size): no work on padding
+        scores = logits.new_zeros(batch, max_t, self.args.vocab_size)  # (batch, max_t, vocab_size), autocast's dtype
+        scores[mask] = logits
         inverse = order.argsort()  # (batch,)
         return scores[inverse], alphas[inverse], decode_lengths[inverse]

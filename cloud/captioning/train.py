@@ -31,8 +31,14 @@ from cloud.captioning.data import BucketBatchSampler, CaptionDataset, collate_ca
 from cloud.captioning.models import DecoderWithAttention, Encoder, ModelArgs
 from cloud.captioning.scst import END_WORD, CiderD, scst_batches, train_one_epoch_scst
 from cloud.captioning.train_utils import (
+    FP32,
+    PRECISIONS,
     CaptionModel,
+    Precision,
+    choose_precision,
+    enable_tf32,
     plot_metrics,
+    train_device,
     val_scores,
     write_metrics_csv,
 )
@@ -119,6 +125,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, default=0,
                    help="DataLoader workers when reading images (default: %(default)s, in the main process)")
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    p.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="training precision: auto (bf16 on a GPU that has it, else fp16 with a gradient "
+                        "scaler; fp32 on the CPU), fp32, bf16 or fp16 (default: %(default)s); TF32 "
+                        "matmuls are on for a GPU's fp32 work")
     p.add_argument("--threads", type=int, default=0,
                    help="torch CPU threads per process (default: %(default)s, torch's default); "
                         "1 is steadier on a busy CPU")
@@ -126,12 +136,16 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def setup_distributed(device_arg: str) -> tuple[int, int, torch.device]:
-    """Init DDP when launched by torchrun (gloo on CPU, nccl on GPU); returns rank, world, device."""
-    use_cuda = torch.cuda.is_available() if device_arg == "auto" else device_arg.startswith("cuda")
+    """Init DDP when launched by torchrun (gloo on CPU, nccl on GPU); returns rank, world, device.
+
+    Raises:
+        ValueError: ``--device cuda:N`` under torchrun (see :func:`train_device`).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    device = train_device(device_arg, local_rank, world, torch.cuda.is_available())
+    use_cuda = device.type == "cuda"
     if use_cuda:
         torch.cuda.set_device(device)
     if world > 1:
@@ -148,8 +162,11 @@ def all_reduce_sum(values: list[float], device: torch.device, world: int) -> lis
 
 def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer, scaler,
                     args: argparse.Namespace, epoch: int, world: int, device: torch.device,
-                    rank: int) -> dict[str, float]:
-    """One pass over the train captions; returns mean token loss and top-5 accuracy."""
+                    rank: int, precision: Precision = FP32) -> dict[str, float]:
+    """One pass over the train captions; returns mean token loss and top-5 accuracy.
+
+    The forward pass runs under ``precision``'s autocast; ``scaler`` scales the loss (enabled
+    for fp16 only)."""
     from tqdm import tqdm
 
     model.train()
@@ -160,7 +177,7 @@ def train_one_epoch(model: nn.Module, batches, optimizer: torch.optim.Optimizer,
             break
         inputs, captions, lengths = inputs.to(device), captions.to(device), lengths.to(device)
         image_index = rest[0].to(device) if rest else None
-        with torch.autocast(device_type=device.type, enabled=scaler.is_enabled()):
+        with precision.autocast(device):
             scores, alphas, decode_lengths = model(inputs, captions, lengths, image_index)  # (b, T, V), (b, T, P), (b,)
         scores = scores.float()
         targets = captions[:, 1: scores.size(1) + 1]  # (b, T)
@@ -267,7 +284,10 @@ def main(argv: list[str]) -> int:
         return 1
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, device = setup_distributed(args.device)
+    try:
+        rank, world, device = setup_distributed(args.device)
+    except ValueError as err:
+        parser.exit(2, f"framecap train: {err}\n")
     setup_logging(args.run_dir, rank)
     try:
         fit(args, rank, world, device)
@@ -318,7 +338,14 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
     ddp_model: nn.Module = model
     if world > 1:
         ddp_model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    scaler = torch.amp.GradScaler(device.type, enabled=device.type == "cuda")
+    precision = choose_precision(args.precision, device)
+    tf32 = enable_tf32(device)
+    scaler = torch.amp.GradScaler(device.type, enabled=precision.scaler)
+    if ckpt is not None and scaler.is_enabled() and ckpt.get("scaler"):
+        scaler.load_state_dict(ckpt["scaler"])  # the loss scale it had learnt, not 2**16 again
+        logger.info("gradient scaler resumed at scale %g", scaler.get_scale())
+    logger.info("precision %s%s%s", precision.name, " with a gradient scaler" if scaler.is_enabled() else "",
+                "; TF32 matmuls" if tf32 else "")
     sampler = BucketBatchSampler(train_ds.lengths, args.batch_size, world, rank, args.seed,
                                  captions_per_image=train_ds.cpi if args.group_by_image else 1)
     loader = None
@@ -343,11 +370,12 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
             stats["top5"] = float("nan")
         else:
             batches = loader if loader is not None else feature_batches(train_ds, sampler)
-            stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank)
+            stats = train_one_epoch(ddp_model, batches, optimizer, scaler, args, epoch, world, device, rank,
+                                    precision)
         bleu, cider_val, samples = -1.0, -1.0, list[str]()
-        if rank == 0 and val_ds is not None:
-            bleu, cider_val, samples = val_scores(model, val_ds, args.val_beam_size, args.max_caption_length, device)
-        bleu = all_reduce_sum([bleu if rank == 0 else 0.0], device, world)[0]
+        if val_ds is not None:  # each rank decodes its shard; all get the same scores
+            bleu, cider_val, samples = val_scores(model, val_ds, args.val_beam_size, args.max_caption_length,
+                                                  device, rank=rank, world=world)
         improved = bleu > state["best_bleu4"]
         state["since_best"] = 0 if improved else state["since_best"] + 1
         state["best_bleu4"] = max(bleu, state["best_bleu4"])
@@ -364,7 +392,7 @@ def fit(args: argparse.Namespace, rank: int, world: int, device: torch.device) -
                     what, bleu, cider_val, lr, row["epoch_s"], " (best)" if improved else "")
         decay_lr(optimizer, args, state, epoch + 1)
         if rank == 0:
-            save_run(args, model, optimizer, state, word_map, improved, samples)
+            save_run(args, model, optimizer, state, word_map, improved, samples, scaler)
         if state["since_best"] >= args.patience:
             logger.info("early stop: val BLEU-4 has not improved for %d epochs", args.patience)
             break
@@ -386,8 +414,12 @@ def decay_lr(optimizer: torch.optim.Optimizer, args: argparse.Namespace, state: 
 
 
 def save_run(args: argparse.Namespace, model: CaptionModel, optimizer: torch.optim.Optimizer,
-             state: dict, word_map, improved: bool, samples: list[str]) -> None:
-    """last.pt every epoch, best.pt when val BLEU-4 improved, metrics.csv and metrics.png."""
+             state: dict, word_map, improved: bool, samples: list[str],
+             scaler: torch.amp.GradScaler | None = None) -> None:
+    """last.pt every epoch, best.pt when val BLEU-4 improved, metrics.csv and metrics.png.
+
+    The checkpoint holds the gradient scaler's state (fp16) so that a resumed run keeps the
+    loss scale it had learnt."""
     payload = {
         "decoder": model.decoder.state_dict(),
         "model_args": model.decoder.args.to_dict(),
@@ -398,6 +430,8 @@ def save_run(args: argparse.Namespace, model: CaptionModel, optimizer: torch.opt
     }
     if model.encoder is not None and args.fine_tune_from >= 0:
         payload["encoder"] = model.encoder.backbone.state_dict()
+    if scaler is not None and scaler.is_enabled():
+        payload["scaler"] = scaler.state_dict()
     save_checkpoint(args.run_dir / "last.pt", payload)
     if improved:
         save_checkpoint(args.run_dir / "best.pt", payload)
