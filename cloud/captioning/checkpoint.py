@@ -38,12 +38,17 @@ def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> None:
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
     """torch.load(weights_only=True) with clear errors; raises FileNotFoundError or CheckpointError."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a directory, not a model checkpoint")
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # pickle errors, truncated zip, not a torch file at all
-        raise CheckpointError(f"{path}: not a readable torch checkpoint ({err})") from err
+        # torch's own message advises weights_only=False: bad advice for a file of unknown origin
+        reason = str(err).split("\n", 1)[0][:200]
+        raise CheckpointError(f"{path}: not a model checkpoint (torch.load with weights_only=True "
+                              f"refused it: {reason})") from err
     if not isinstance(ckpt, dict) or not {"decoder", "model_args", "word_map"} <= set(ckpt):
         raise CheckpointError(f"{path}: not a framecap captioning checkpoint "
                               "(needs decoder, model_args and word_map)")

@@ -21,6 +21,8 @@ def load_image(path: str | Path) -> np.ndarray:
     Raises ImageLoadError (a ValueError) naming the file when it is missing or does not decode.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ImageLoadError(f"{path}: is a directory, not an image file")
     if not path.is_file():
         raise ImageLoadError(f"{path}: no such image file")
     try:

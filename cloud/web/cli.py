@@ -195,7 +195,13 @@ def _fail(message: str, status: int) -> int:
 
 
 def validate(config: WebConfig) -> str | None:
-    """What is wrong beyond the config's own fields (the rules file), or None."""
+    """What is wrong beyond the config's own fields (files it names that cannot be read: the
+    model, the MQTT TLS files; the rules file), or None."""
+    from common.config import missing_files
+
+    problems = missing_files(config)
+    if problems:
+        return "invalid config:\n" + "\n".join(problems)
     if config.rules_file is not None:
         from cloud.web.alerts import RulesFileError, load_rules_file
 

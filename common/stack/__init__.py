@@ -1,7 +1,7 @@
 """The local stack: mosquitto (MQTT) and SeaweedFS (S3) on 127.0.0.1, under one state directory.
 
 ``framecap stack up|down|status|add-device|env`` and the :class:`LocalStack` Python API (used by
-the tests' fixtures and by ``framecap demo``). Flags and timings: ../shared/LOCAL-STACK.md.
+the tests' fixtures and by ``framecap demo``).
 
 mosquitto runs with our generated config: a listener on 127.0.0.1 and a free port (plus an
 optional TLS listener), persistence on, ``max_queued_messages`` raised, and access control by its

@@ -266,3 +266,9 @@ def test_the_example_config_validates(capsys: pytest.CaptureFixture[str]) -> Non
     example = REPO / "deploy" / "config" / "web.yaml"
     assert main(["--config", str(example), "--validate-config"]) == 0
     assert "config OK" in capsys.readouterr().out
+
+
+def test_validate_config_names_a_model_that_is_not_there(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--validate-config", "--state-dir", str(tmp_path), "--model", str(tmp_path / "nope.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "model = " in err and "no such file (model checkpoint)" in err and "Traceback" not in err
