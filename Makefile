@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption bench-pipeline bench-edge clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
@@ -71,6 +71,16 @@ bench-web: setup
 # BENCH_CAPTION_ARGS='--images DIR' for another folder of JPEGs (default: the Flickr8k images).
 bench-caption: setup
 	$(BIN)/python bench/caption_throughput.py --count 200 --threads 2 $(BENCH_CAPTION_ARGS)
+
+# The pipeline on a private local stack (docs/performance-pipeline.md): capture -> caption at the
+# edge at 1 frame/s (p50/p95), 4 devices at 10 frames/s, the worker saturated against the model
+# alone, edge -> S3 frames/s against a plain paho + boto3 loop; ratios against baselines of the run.
+bench-pipeline: setup
+	$(BIN)/python bench/pipeline_latency.py $(BENCH_PIPELINE_ARGS)
+
+# The edge's CPU per frame (every frame sampled) against decode + JPEG encode, and its peak RSS.
+bench-edge: setup
+	$(BIN)/python bench/edge_cost.py $(BENCH_EDGE_ARGS)
 
 clean:
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

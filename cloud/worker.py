@@ -74,7 +74,8 @@ from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_k
 logger = logging.getLogger(__name__)
 
 JSON_CONTENT_TYPE = "application/json"
-IO_THREADS = 8  # S3 requests of different frames in flight at once
+IO_THREADS = 2  # frames fetched at once (x3 requests each); 2x as many records written at once
+# (2 + 4 + 4 = 10 S3 requests at most: botocore's default connection pool)
 POLL_S = 0.2  # how often idle threads look at the stop event, seconds
 
 
@@ -146,7 +147,8 @@ class CaptionWorker(CloudService):
         store: the object store (tests pass a fake); opened from ``config.s3`` when None.
         client_id: MQTT client_id; default ``config.mqtt.client_id``, else
             ``framecap-worker-{hostname}``.
-        io_threads: S3 requests (of different frames) in flight at once.
+        io_threads: frames fetched at once (three S3 requests each, two of them on a pool of
+            ``2 * io_threads``); records written at once: ``2 * io_threads``.
         prefetch: most frames fetched (or being fetched) ahead of the model; default twice
             ``config.batch_size``.
 
@@ -433,7 +435,7 @@ class CaptionWorker(CloudService):
         with self._io_lock:
             pool = self._pools.get(stage)
             if pool is None:
-                size = 2 * self._io_threads if stage == "aux" else self._io_threads
+                size = self._io_threads if stage == "fetch" else 2 * self._io_threads
                 pool = ThreadPoolExecutor(size, thread_name_prefix=f"worker-{stage}")
                 self._pools[stage] = pool
             return pool
