@@ -192,3 +192,40 @@ def test_alphas_are_the_attention_of_each_word_of_the_caption() -> None:
                 state, alpha = decoder.step(decoder.embedding(torch.tensor([word])), state)
                 expected.append(alpha[0])
         assert torch.allclose(hyp.alphas, torch.stack(expected), atol=1e-5)
+
+
+@pytest.mark.parametrize("size", [1, 2, 3])
+def test_scattered_repeat_bans_equal_the_listed_ones(size: int) -> None:
+    from cloud.captioning.beam_search import _ban_repeats_, _repeat_bans
+
+    generator = torch.Generator().manual_seed(size)
+    for length in range(1, 9):
+        seqs = torch.randint(4, 9, (12, length), generator=generator)  # few words: many repeats
+        seqs[:, 0] = 1  # <start>
+        logp = torch.randn(12, 10, generator=generator)
+        expected = logp.clone()
+        for row, word in _repeat_bans(seqs, size):
+            expected[row, word] = NEG_INF
+        _ban_repeats_(logp, seqs, size)
+        assert torch.equal(logp, expected)
+
+
+def test_beam_search_reads_the_device_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every read of a tensor's value by the host waits for the queued work: the search
+    makes one such read per step (which images still decode) and three at the end."""
+    decoder, word_map = tiny_decoder(words=8, seed=7)
+    encoder_out = features(10, seed=8)
+    reads = {"n": 0}
+    for name in ("tolist", "item", "__bool__", "__float__", "__int__", "nonzero"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self: torch.Tensor, *args: object, _original: object = original, **kwargs: object) -> object:
+            reads["n"] += 1
+            return _original(self, *args, **kwargs)  # type: ignore[operator]
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    max_len = 7
+    hyps = beam_search(decoder, encoder_out, word_map, 5, max_len, 1.0, return_alphas=True, no_repeat_ngram_size=2)
+    monkeypatch.undo()
+    assert len(hyps) == 10
+    assert reads["n"] <= (max_len + 1) + 3, reads
