@@ -68,6 +68,7 @@ from edge.spool import FrameSpool
 logger = logging.getLogger(__name__)
 
 POLL_S = 0.2  # worker thread wake-up period, seconds
+RESEND_CHECK_S = 0.05  # look for overdue frames at most this often (not at every event), seconds
 RECONNECT_GRACE_S = 2.0  # after a reconnect, the first resend of a frame not acked, seconds
 OVERTAKEN_GRACE_S = 2.0  # resend a frame this long after a later frame was acked, seconds
 CAPTION_RETRY_MIN_S = 1.0  # first retry of a caption whose JSONL append failed, seconds
@@ -290,13 +291,17 @@ class FramePublisher:
 
     # -- worker thread -------------------------------------------------------------------
     def _run(self) -> None:
+        checked = 0.0  # when overdue frames were last looked for
         while not self._stop.is_set():
             try:
                 self._handle_events()
-                if self._unwritten and time.monotonic() >= self._caption_retry_at:
+                now = time.monotonic()
+                if self._unwritten and now >= self._caption_retry_at:
                     self._retry_captions()
                 if self.client.is_connected:
-                    self._resend_overdue()
+                    if now - checked >= RESEND_CHECK_S:  # O(in flight): not at every event
+                        checked = now
+                        self._resend_overdue()
                     self._fill_window()
             except Exception:  # noqa: BLE001 - the worker must outlive any one bad step
                 logger.exception("%s: publisher step failed; continuing", self.device_id)
