@@ -77,7 +77,12 @@ def test_bf16_support_does_not_count_emulation(monkeypatch: pytest.MonkeyPatch) 
     from cloud.captioning import train_utils
 
     calls: list[dict] = []
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda **kw: calls.append(kw) or False)
+
+    def is_bf16_supported(**kw: bool) -> bool:
+        calls.append(kw)
+        return False
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
     assert train_utils.cuda_bf16_supported() is False
     assert calls == [{"including_emulation": False}]
 
