@@ -270,6 +270,7 @@ class CaptionWorker(CloudService):
                 job = self._ready.get_nowait()
             except queue.Empty:
                 return
+            self._slots.release()  # a later start() fetches as far ahead again
             with self._lock:
                 self._pending.discard(job.key)
             if job.marker is not None and self._store is not None:

@@ -358,3 +358,16 @@ def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
     errors = [r.getMessage() for r in caplog.records
               if r.name == "common.mqtt" and r.levelno >= logging.ERROR and topic in r.getMessage()]
     assert len(errors) == 1 and "not authorized" in errors[0]
+
+
+def test_frames_fetched_but_not_captioned_at_stop_leave_no_marker() -> None:
+    worker, store, _ = make_worker()
+    put_frame(store)
+    assert worker._slots.acquire(timeout=1)
+    free = worker._slots._value
+    job = worker._prepare(FRAME)
+    assert job is not None and job.marker in store.objects
+    worker._ready.put(job)
+    worker._drop_fetched()
+    assert job.marker not in store.objects and not worker._open_markers
+    assert worker._slots._value == free + 1 and worker.backlog == 0
