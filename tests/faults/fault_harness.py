@@ -41,6 +41,7 @@ from common.messages import CaptionRecord, FrameAck, FrameMetadata, MessageError
 from common.mqtt import MqttClient
 from common.storage import StorageError
 from edge.daemon import EdgeDaemon, EdgeSummary
+from edge.publisher import parse_caption_line
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +220,7 @@ class EdgeCaptions:
         if path.exists():
             for line in path.read_text().splitlines():
                 with contextlib.suppress(MessageError):
-                    counts[CaptionRecord.from_json(line).frame_id] += 1
+                    counts[parse_caption_line(line)[0].frame_id] += 1  # lines carry received_at too
         with self._lock:
             self.counts = counts
 
