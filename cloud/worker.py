@@ -164,9 +164,10 @@ class CaptionWorker(CloudService):
         *,
         store: ObjectStore | None = None,
         client_id: str | None = None,
-        io_threads: int = IO_THREADS,
+        io_threads: int | None = None,
         prefetch: int | None = None,
     ) -> None:
+        io_threads = config.io_threads if io_threads is None else io_threads
         if io_threads < 1:
             raise ValueError(f"io_threads must be >= 1, got {io_threads}")
         super().__init__(

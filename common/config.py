@@ -208,6 +208,10 @@ class SpoolConfig(Section):
         default=2.0, gt=0, description="After a reconnect, resend a frame not acknowledged within this time, doubling up to resend_after_s until a frame sent since is acknowledged, seconds (a broker restart loses shared subscriptions until the ingest is back).")
     overtaken_grace_s: float = Field(
         default=2.0, gt=0, description="Resend a frame the broker accepted when a frame sent after it has been acknowledged for this long, seconds (its ingest replica died with it).")
+    fsync: Literal["interval", "always"] = Field(
+        default="interval", description="'interval': frames still unacknowledged fsync_interval_s after spooling are fsynced (a crash loses nothing, a power cut at most that long of unacknowledged frames); 'always': every frame is fsynced before it is published.")
+    fsync_interval_s: float = Field(
+        default=1.0, ge=0, description="With fsync 'interval': fsync frames still unacknowledged this long after spooling, seconds.")
 
 
 class EdgeConfig(Section):
@@ -223,6 +227,8 @@ class EdgeConfig(Section):
     max_frames: int | None = Field(default=None, ge=1, description="Stop after sampling this many frames.")
     drain_timeout_s: float = Field(default=120.0, ge=0, description="On a file's end, wait this long for every ack, seconds.")
     captions_jsonl: Path | None = Field(default=None, description="Append each caption received to this JSONL file.")
+    captions_jsonl_max_bytes: int = Field(
+        default=64 << 20, ge=0, description="Rotate captions_jsonl to <file>.1 when a line would take it past this size, bytes, so a device's disk is never filled by it (the two files hold at most twice this); 0: never.")
     wait_for_captions_s: float = Field(
         default=0.0, ge=0, description="On a file's end, after every ack, wait this long for the captions of the frames sent, seconds (0: don't wait)."
     )
@@ -248,6 +254,7 @@ class IngestConfig(Section):
     max_payload_bytes: int = Field(default=256 * 1024, ge=1024, description="Frames larger than this are refused, bytes.")
     max_pixels: int = Field(default=4096 * 4096, ge=64, description="Frames with more pixels are refused.")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="Serve Prometheus metrics on this port.")
+    io_threads: int = Field(default=8, ge=1, le=64, description="Frames validated and stored in S3 at once; PUBACKs still go in the order the frames arrived.")
 
 
 
@@ -273,7 +280,8 @@ class WorkerConfig(Section):
             "does; on a machine of its own set the number of cores."
         ),
     )
-    max_wait_s: float = Field(default=0.5, ge=0, description="Longest wait to fill a batch, seconds.")
+    max_wait_s: float = Field(default=0.5, ge=0, description="Longest wait to fill a batch while more frames are being fetched (a burst of acks), seconds; an idle model takes a lone frame at once.")
+    io_threads: int = Field(default=2, ge=1, le=16, description="Frames fetched from S3 at once (three requests each); twice as many records are written at once.")
     list_interval_s: float = Field(default=30.0, gt=0, description="How often to list frames/ to catch up, seconds.")
     max_frame_bytes: int = Field(default=16 << 20, ge=1024, description="Objects under frames/ larger than this get an error record, bytes.")
     max_pixels: int = Field(default=4096 * 4096, ge=64, description="Images with more pixels get an error record.")

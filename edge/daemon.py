@@ -32,7 +32,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from common.config import ConfigError, EdgeConfig, load_config
+from common.config import ConfigError, EdgeConfig, load_config, missing_files
 from common.messages import CaptionRecord, FrameMetadata
 from common.topics import validate_id
 from edge.capture import CapturedFrame, FrameSource, SourceError
@@ -40,7 +40,7 @@ from edge.encoding import EncodingError, JpegEncoder
 from edge.gstreamer import check_source_backend
 from edge.publisher import FramePublisher
 from edge.sampling import FrameSampler, SampleDecision
-from edge.spool import FSYNC_INTERVAL_S, FrameSpool, FsyncPolicy, SpoolError
+from edge.spool import FrameSpool, FsyncPolicy, SpoolError
 
 logger = logging.getLogger(__name__)
 
@@ -137,11 +137,12 @@ class EdgeDaemon:
         print_captions: bool = True,
         on_spooled: Callable[[FrameMetadata], None] | None = None,
         source_factory: Callable[[EdgeConfig, threading.Event], FrameSource] | None = None,
-        spool_fsync: FsyncPolicy = "interval",
-        spool_fsync_interval_s: float = FSYNC_INTERVAL_S,
+        spool_fsync: FsyncPolicy | None = None,
+        spool_fsync_interval_s: float | None = None,
     ) -> None:
-        self._spool_fsync = spool_fsync
-        self._spool_fsync_interval_s = spool_fsync_interval_s
+        self._spool_fsync: FsyncPolicy = config.spool.fsync if spool_fsync is None else spool_fsync
+        self._spool_fsync_interval_s = (config.spool.fsync_interval_s if spool_fsync_interval_s is None
+                                        else spool_fsync_interval_s)
         self._encoder = JpegEncoder(config.encoding)
         self.config = config
         self.on_spooled = on_spooled
@@ -200,6 +201,7 @@ class EdgeDaemon:
             cfg.device_id, cfg.mqtt, self._spool,
             resend_after_s=cfg.spool.resend_after_s, reconnect_grace_s=cfg.spool.reconnect_grace_s,
             overtaken_grace_s=cfg.spool.overtaken_grace_s, captions_jsonl=cfg.captions_jsonl,
+            captions_jsonl_max_bytes=cfg.captions_jsonl_max_bytes,
             on_caption=self.on_caption, print_captions=self.print_captions,
             track_captions=cfg.wait_for_captions_s > 0,
         )
@@ -371,31 +373,37 @@ def build_parser() -> argparse.ArgumentParser:
         "until the cloud acknowledges each; print the captions that come back. Options override "
         "the YAML config. The MQTT password comes from $FRAMECAP_MQTT_PASSWORD.",
     )
-    p.add_argument("--config", metavar="EDGE_YAML", help="edge config file (YAML)")
-    p.add_argument("--device-id", help="this device's id (letters, digits, '.', '_', '-')")
+    p.add_argument("--config", metavar="EDGE_YAML",
+                   help="edge config file (YAML) (default: none; the defaults and $FRAMECAP_* variables)")
+    p.add_argument("--device-id", help="this device's id (letters, digits, '.', '_', '-') (required, here or in the file)")
     p.add_argument("--source", help="camera index ('0'), video file, rtsp://... URL, or a "
-                   "GStreamer pipeline containing '!' (Jetson CSI: 'nvarguscamerasrc ! ... ! appsink')")
-    p.add_argument("--mqtt-host", help="broker host")
-    p.add_argument("--mqtt-port", type=int, help="broker TCP port")
-    p.add_argument("--mqtt-username", help="broker user name (password: $FRAMECAP_MQTT_PASSWORD)")
-    p.add_argument("--spool-dir", help="spool directory for frames not yet acknowledged")
-    p.add_argument("--interval", type=float, metavar="S", help="send at most one frame per S seconds")
+                   "GStreamer pipeline containing '!' (Jetson CSI: 'nvarguscamerasrc ! ... ! appsink') "
+                   "(default: 0, the first camera)")
+    p.add_argument("--mqtt-host", help="broker host (default: $FRAMECAP_MQTT_HOST, else 127.0.0.1)")
+    p.add_argument("--mqtt-port", type=int, help="broker TCP port (default: $FRAMECAP_MQTT_PORT, else 1883)")
+    p.add_argument("--mqtt-username", help="broker user name (default: $FRAMECAP_MQTT_USERNAME; "
+                   "password: $FRAMECAP_MQTT_PASSWORD)")
+    p.add_argument("--spool-dir", help="spool directory for frames not yet acknowledged (default: spool)")
+    p.add_argument("--interval", type=float, metavar="S", help="send at most one frame per S seconds (default: 1)")
     p.add_argument("--scene-threshold", type=float, metavar="T",
                    help="skip frames whose grey-thumbnail mean absolute difference (0..1) to the "
-                   "last frame sent is below T")
-    p.add_argument("--no-scene-change", action="store_true", help="sample by interval only")
-    p.add_argument("--max-frames", type=int, metavar="N", help="stop after sampling N frames")
+                   "last frame sent is below T (default: 0.02)")
+    p.add_argument("--no-scene-change", action="store_true",
+                   help="sample by interval only (default: also skip unchanged scenes)")
+    p.add_argument("--max-frames", type=int, metavar="N", help="stop after sampling N frames (default: no limit)")
     p.add_argument("--playback-speed", type=float, metavar="X",
-                   help="read a video file at X times its frame rate (0: as fast as it decodes)")
+                   help="read a video file at X times its frame rate (0: as fast as it decodes) (default: 0)")
     p.add_argument("--realtime", action="store_true",
-                   help="read a video file in real time, as a camera delivers it (--playback-speed 1)")
-    p.add_argument("--captions-jsonl", metavar="FILE", help="append each caption received to FILE")
+                   help="read a video file in real time, as a camera delivers it (--playback-speed 1) (default: off)")
+    p.add_argument("--captions-jsonl", metavar="FILE",
+                   help="append each caption received to FILE (default: none)")
     p.add_argument("--drain-timeout", type=float, metavar="S",
-                   help="after a video file ends, wait at most S seconds for every ack")
+                   help="after a video file ends, wait at most S seconds for every ack (default: 120)")
     p.add_argument("--wait-for-captions", type=float, metavar="S",
-                   help="then wait at most S seconds for the captions of the frames sent")
-    p.add_argument("--validate-config", action="store_true", help="check the config and exit")
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+                   help="then wait at most S seconds for the captions of the frames sent (default: 0, don't wait)")
+    p.add_argument("--validate-config", action="store_true",
+                   help="check the config (and the files it names) and exit (default: off)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging (default: INFO)")
     return p
 
 
@@ -430,6 +438,12 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(EdgeConfig, args.config, overrides_from_args(args))
     except ConfigError as err:
         print(f"framecap edge: invalid config:\n{err}", file=sys.stderr)
+        return 2
+    problems = missing_files(config)
+    if Path(config.source).is_dir():
+        problems.append(f"source = {config.source!r}: is a directory, not a video file or camera")
+    if problems:
+        print("framecap edge: invalid config:\n" + "\n".join(problems), file=sys.stderr)
         return 2
     if (problem := check_source_backend(config.source)) is not None:
         print(f"framecap edge: {problem}", file=sys.stderr)

@@ -110,10 +110,12 @@ class _InFlight:
 
 
 def format_caption(record: CaptionRecord) -> str:
-    """``HH:MM:SS frame_id caption`` (capture time in UTC; the error if there is no caption)."""
-    when = record.captured_at.strftime("%H:%M:%S") if record.captured_at else "--:--:--"
-    text = record.caption if record.caption else f"[no caption: {record.error or 'unknown'}]"
-    return f"{when} {record.frame_id} {text}"
+    """The one caption line of every framecap command: ``frame_id<TAB>caption<TAB>score``
+    (the frame_id starts with the capture time in UTC; ``(no caption: ERROR)`` and ``-`` for
+    an error record); see :func:`common.cli.format_caption_line`."""
+    from common.cli import format_caption_line
+
+    return format_caption_line(record.frame_id, record.caption, record.score, record.error)
 
 
 def caption_line(record: CaptionRecord, received_at: datetime) -> str:
@@ -176,6 +178,7 @@ class FramePublisher:
         overtaken_grace_s: resend a frame the broker accepted this many seconds after a frame
             sent later was acked.
         captions_jsonl: append each caption received to this file (one JSON object a line).
+        captions_jsonl_max_bytes: rotate ``captions_jsonl`` to ``.1`` past this size (0: never).
         on_caption: called with each decoded :class:`CaptionRecord` (on the worker thread).
         print_captions: print ``HH:MM:SS frame_id caption`` to stdout for each caption.
         track_captions: remember which frames acked by this process still lack their caption
@@ -193,6 +196,7 @@ class FramePublisher:
         reconnect_grace_s: float = RECONNECT_GRACE_S,
         overtaken_grace_s: float = OVERTAKEN_GRACE_S,
         captions_jsonl: Path | None = None,
+        captions_jsonl_max_bytes: int = 0,
         on_caption: Callable[[CaptionRecord], None] | None = None,
         print_captions: bool = True,
         track_captions: bool = False,
@@ -211,6 +215,7 @@ class FramePublisher:
         self._order = 0  # publishes so far (the order of the last one)
         self._reconnected_at_order: int | None = None  # from a reconnect to the first ack after
         self.captions_jsonl = captions_jsonl
+        self.captions_jsonl_max_bytes = captions_jsonl_max_bytes
         self.on_caption = on_caption
         self.print_captions = print_captions
         self.stats = PublisherStats()
@@ -569,7 +574,7 @@ class FramePublisher:
         """Append one line, flushed and fsynced; False (logged, a partial line cut off) if not."""
         assert self.captions_jsonl is not None
         try:
-            append_line(self.captions_jsonl, caption_line(record, received_at))
+            append_line(self.captions_jsonl, caption_line(record, received_at), self.captions_jsonl_max_bytes)
         except OSError as err:
             self.stats.caption_write_errors += 1
             log = logger.debug if retry else logger.error
@@ -590,14 +595,25 @@ class FramePublisher:
         return asdict(self.stats)
 
 
-def append_line(path: Path, line: str) -> None:
+def append_line(path: Path, line: str, max_bytes: int = 0) -> None:
     """Append ``line`` and a newline to ``path``, flushed and fsynced (survives a kill and a
     power cut). A failed write is cut back to the old length, so no partial line remains.
 
+    With ``max_bytes`` > 0 the file is bounded: when the line would take it past
+    ``max_bytes``, the file is first renamed to ``PATH.1`` (replacing the previous one) and a
+    new file started, so the two use at most ``2 * max_bytes`` and no line is split.
+
     Raises:
-        OSError: the file cannot be opened, written or synced.
+        OSError: the file cannot be opened, written, rotated or synced.
     """
     data = memoryview((line + "\n").encode("utf-8"))
+    if max_bytes > 0:
+        try:
+            size = os.stat(path).st_size
+        except FileNotFoundError:
+            size = 0
+        if size and size + len(data) > max_bytes:
+            os.replace(path, f"{path}.1")
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     try:
         start = os.fstat(fd).st_size

@@ -420,9 +420,6 @@ def test_the_demo_prints_the_same_shape(capsys: pytest.CaptureFixture[str]) -> N
     ]
 
 
-@pytest.mark.xfail(strict=True, reason="edge/publisher.py format_caption prints 'HH:MM:SS frame_id "
-                   "caption'; it should return common.cli.format_caption_line(record.frame_id, "
-                   "record.caption, record.score, record.error) (edge owner)")
 def test_the_edge_prints_the_same_shape() -> None:
     from edge.publisher import format_caption
 

@@ -515,6 +515,17 @@ def test_the_install_script_makes_the_venv_the_unit_and_image_run(tmp_path: Path
     prefix = tmp_path / "opt"
     env = {**os.environ, "FRAMECAP_PIP_ARGS": "--no-index --no-deps --no-build-isolation"}
     env.pop("VIRTUAL_ENV", None)
+    # Offline there is no build isolation, and the system setuptools may predate PEP 639 license
+    # strings (pyproject.toml asks for >= 77, which a real install fetches): lend it this
+    # environment's setuptools, and nothing else, for the build.
+    import setuptools
+
+    shim = tmp_path / "setuptools-shim"
+    site = Path(setuptools.__file__).resolve().parents[1]
+    for name in ("setuptools", "pkg_resources", "_distutils_hack"):
+        if (site / name).is_dir():
+            shutil.copytree(site / name, shim / name)
+    env["PYTHONPATH"] = str(shim)
     run = subprocess.run(["sh", str(src / "deploy" / "scripts" / "install-edge.sh"), "--venv-only",
                           "--prefix", str(prefix)], env=env, capture_output=True, text=True, timeout=300)
     framecap = prefix / "venv" / "bin" / "framecap"

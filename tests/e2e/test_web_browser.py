@@ -105,7 +105,8 @@ def pipeline(ns: Any, captioner: Any) -> Iterator[dict[str, str]]:
 
 
 def run_edge(ns: Any, device_id: str, video: Path, spool: Path, frames: int, interval_s: float = 2.0) -> list[CaptionRecord]:
-    """Run the edge daemon over ``video`` until ``frames`` are captioned; returns the captions."""
+    """Run the edge daemon over ``video`` until ``frames`` are captioned; returns the captions
+    in capture order (frame_ids start with the capture time)."""
     captions: list[CaptionRecord] = []
     config = EdgeConfig(
         device_id=device_id, source=str(video), mqtt=ns.mqtt_config(device_id, client_id=ns.client_id(device_id)),
@@ -116,7 +117,7 @@ def run_edge(ns: Any, device_id: str, video: Path, spool: Path, frames: int, int
     summary = EdgeDaemon(config, on_caption=captions.append, print_captions=False).run()
     assert summary.frames_sampled == frames
     assert len(captions) == frames, f"{device_id}: {len(captions)} captions of {frames} frames"
-    return captions
+    return sorted(captions, key=lambda r: r.frame_id)  # arrival order is not capture order
 
 
 # -- framecap web, as its own process ----------------------------------------------------

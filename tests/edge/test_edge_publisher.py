@@ -11,7 +11,13 @@ import pytest
 
 from common.config import MqttConfig
 from common.messages import CaptionRecord, FrameAck, FrameMetadata
-from edge.publisher import FramePublisher, format_caption, parse_caption_line, percentile
+from edge.publisher import (
+    FramePublisher,
+    caption_line,
+    format_caption,
+    parse_caption_line,
+    percentile,
+)
 from edge.spool import FrameSpool
 
 T = datetime(2026, 1, 31, 12, 34, 56, tzinfo=timezone.utc)
@@ -49,7 +55,7 @@ def test_captions_are_printed_written_and_bad_ones_counted(publisher: FramePubli
     publisher._handle_caption(_caption().to_json())
     publisher._handle_caption(b"{")
     publisher._handle_caption(json.dumps({"schema_version": 1, "frame_id": "../x"}).encode())
-    assert capsys.readouterr().out == "12:34:56 f1 a man rides a bike\n"
+    assert capsys.readouterr().out == "f1\ta man rides a bike\t-2.000\n"  # frame_id, caption, score
     assert publisher.stats.captions_received == 1 and publisher.stats.captions_malformed == 2
     lines = (tmp_path / "c.jsonl").read_text().splitlines()
     assert [parse_caption_line(x)[0] for x in lines] == seen
@@ -83,8 +89,8 @@ def test_percentile_nearest_rank() -> None:
 
 
 def test_format_caption_of_an_error_record() -> None:
-    record = _caption(caption="").model_copy(update={"error": "not an image"})
-    assert format_caption(record) == "12:34:56 f1 [no caption: not an image]"
+    record = _caption(caption="").model_copy(update={"error": "not an image", "score": None})
+    assert format_caption(record) == "f1\t(no caption: not an image)\t-"
 
 
 class _FakeClient:
@@ -172,3 +178,18 @@ def test_a_frame_overtaken_by_a_later_ack_is_resent_soon(publisher: FramePublish
     publisher._resend_overdue()
     assert len(client.sent) == 4 and publisher._in_flight["f1"].overtaken_at is None
     assert "f3" in publisher._in_flight and publisher._in_flight["f3"].attempts == 1
+
+
+def test_the_captions_jsonl_is_bounded_by_rotation(tmp_path: Path) -> None:
+    from edge.publisher import append_line
+
+    path = tmp_path / "captions.jsonl"
+    lines = [caption_line(_caption(f"f{i}"), T) for i in range(40)]
+    limit = 3 * len(lines[0]) + 10  # three lines a file
+    for line in lines:
+        append_line(path, line, max_bytes=limit)
+    old = Path(f"{path}.1")
+    assert path.stat().st_size <= limit and old.stat().st_size <= limit
+    kept = old.read_text().splitlines() + path.read_text().splitlines()
+    assert kept == lines[-len(kept):] and len(kept) >= 4  # whole lines, the newest, in order
+    assert all(parse_caption_line(line)[0].frame_id.startswith("f") for line in kept)
