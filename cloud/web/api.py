@@ -91,7 +91,8 @@ class SearchResult(CaptionOut):
 
 class SearchOut(_Out):
     results: list[SearchResult] = Field(description="This page of results.")
-    total: int = Field(description="Matches under the filters (all pages).")
+    total: int = Field(description="Matches under the filters (all pages), counted up to 10,000.")
+    total_exact: bool = Field(description="False when more than 10,000 match: total is then a lower bound.")
     limit: int = Field(description="Page size asked for.")
     offset: int = Field(description="Results skipped.")
     widened: dict[str, list[str]] = Field(
@@ -209,7 +210,7 @@ def hit_json(ctx: WebContext, hit: SearchHit) -> dict[str, Any]:
 def page_json(ctx: WebContext, page: SearchPage) -> dict[str, Any]:
     """A search page as the API returns it."""
     return {"results": [hit_json(ctx, h) for h in page.hits], "total": page.total,
-            "limit": page.limit, "offset": page.offset, "widened": page.widened}
+            "total_exact": page.total_exact, "limit": page.limit, "offset": page.offset, "widened": page.widened}
 
 
 def rule_json(rule: AlertRule) -> dict[str, Any]:
@@ -609,9 +610,9 @@ def export(ctx: CtxDep, user: UserDep, params: FilterParamsQ,
     request = replace(request, widenings=widen_query(ctx, request.query) if request.query.strip() else {})
     first = run_search(ctx, request, "export", widen=False)
     exported = min(first.total, count)
-    truncated = first.total > count
+    truncated = first.total > count or (not first.total_exact and first.total >= count)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    headers = {"X-Total-Count": str(first.total), "X-Export-Count": str(exported),
+    headers = {"X-Total-Count": f"{first.total}{'' if first.total_exact else '+'}", "X-Export-Count": str(exported),
                "X-Export-Truncated": "true" if truncated else "false",
                "Content-Disposition": f'attachment; filename="framecap-export-{stamp}.{format}"'}
     hits = export_hits(ctx, first, request, count)

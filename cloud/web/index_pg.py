@@ -40,6 +40,7 @@ from cloud.web.index_sqlite import (
     to_us,
 )
 from cloud.web.model import (
+    COUNT_CAP,
     AlertRule,
     CaptionDoc,
     DeviceSummary,
@@ -125,6 +126,8 @@ class PostgresIndex(CaptionIndex):
     """
 
     backend = "postgresql"
+    count_cap = COUNT_CAP
+    """Matches counted at most (:data:`cloud.web.model.COUNT_CAP`)."""
 
     def __init__(self, url: str, *, max_connections: int = 8, timeout_s: float = 15.0) -> None:
         self.url = url
@@ -253,12 +256,16 @@ class PostgresIndex(CaptionIndex):
             with self._pool.connection() as conn:
                 rows = conn.execute(f"SELECT {_DOC_COLS}, {rank} AS r FROM fc_captions{cond} "
                                     f"ORDER BY {order} LIMIT %(limit)s OFFSET %(offset)s", params).fetchall()
-                total_row = conn.execute(f"SELECT count(*) FROM fc_captions{cond}", params).fetchone()
+                params["cap"] = self.count_cap + 1
+                total_row = conn.execute(f"SELECT count(*) FROM (SELECT 1 FROM fc_captions{cond} "
+                                         "LIMIT %(cap)s) t", params).fetchone()
         except (PoolTimeout, psycopg.Error) as err:
             raise self._fail("search", err) from err
         hits = [make_hit(_doc(row[:-1]), float(row[-1]), q) for row in rows]
-        return SearchPage(hits=hits, total=int(total_row[0]) if total_row else 0, limit=request.limit,
-                          offset=request.offset, widened=dict(request.widenings))
+        total = int(total_row[0]) if total_row else 0
+        return SearchPage(hits=hits, total=min(total, self.count_cap), limit=request.limit,
+                          offset=request.offset, widened=dict(request.widenings),
+                          total_exact=total <= self.count_cap)
 
     # -- timeline ---------------------------------------------------------------------
     def timeline(self, device_id: str, start: datetime, end: datetime, *, limit: int = 500,

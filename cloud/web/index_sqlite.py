@@ -38,6 +38,7 @@ from typing import Any
 from cloud.web import query as ql
 from cloud.web.index import CaptionIndex, CaptionIndexError, QueryError
 from cloud.web.model import (
+    COUNT_CAP,
     MAX_PAGE_SIZE,
     AlertRule,
     CaptionDoc,
@@ -369,6 +370,9 @@ class SqliteIndex(CaptionIndex):
             return int(self._conn().execute("SELECT count(*) FROM captions").fetchone()[0])
 
     # -- search -----------------------------------------------------------------------
+    count_cap = COUNT_CAP
+    """Matches counted at most (:data:`cloud.web.model.COUNT_CAP`); an attribute so tests can
+    lower it."""
     RELEVANCE_WINDOW = 10_000
     """Above this many matches, relevance ranks the newest ``RELEVANCE_WINDOW`` matches (under
     the filters; at least ``offset + limit``) instead of all: BM25 costs about 1.5 us a match,
@@ -455,8 +459,9 @@ class SqliteIndex(CaptionIndex):
                 rows, total = self._search_fts(conn, request, q)
                 ranked = request.order == "relevance" and q is not None and ql.negated_part(q) is None
         hits = [make_hit(_doc(row[:-1]), float(row[-1]) if ranked else 0.0, q) for row in rows]
-        return SearchPage(hits=hits, total=total, limit=request.limit, offset=request.offset,
-                          widened=dict(request.widenings))
+        return SearchPage(hits=hits, total=min(total, self.count_cap), limit=request.limit,
+                          offset=request.offset, widened=dict(request.widenings),
+                          total_exact=total <= self.count_cap)
 
     def _search_table(self, conn: sqlite3.Connection, request: SearchRequest) -> tuple[list[Any], int]:
         where, params = self._table_filters(request.filters)
@@ -464,7 +469,12 @@ class SqliteIndex(CaptionIndex):
         order = "c.id ASC" if request.order == "time_asc" else "c.id DESC"
         rows = conn.execute(f"SELECT {_DOC_COLS}, 0.0 {base} ORDER BY {order} LIMIT ? OFFSET ?",
                             (*params, request.limit, request.offset)).fetchall()
-        return rows, int(conn.execute(f"SELECT count(*) {base}", params).fetchone()[0])
+        return rows, self._capped_count(conn, f"SELECT 1 {base}", params)
+
+    def _capped_count(self, conn: sqlite3.Connection, select: str, params: Sequence[Any]) -> int:
+        """Rows of ``select``, counted up to ``count_cap + 1`` (more means "over the cap")."""
+        return int(conn.execute(f"SELECT count(*) FROM ({select} LIMIT ?)",
+                                (*params, self.count_cap + 1)).fetchone()[0])
 
     def _search_fts(self, conn: sqlite3.Connection, request: SearchRequest,
                     q: ql.Query | None) -> tuple[list[Any], int]:
@@ -483,7 +493,7 @@ class SqliteIndex(CaptionIndex):
         params = [*fts_params, *residual_params]
         joined = f"FROM captions_fts f CROSS JOIN captions c ON c.id = f.rowid WHERE {cond}"
         count_from = joined if residual else f"FROM captions_fts f WHERE {fts_cond}"
-        total = int(conn.execute(f"SELECT count(*) {count_from}", params).fetchone()[0])
+        total = self._capped_count(conn, f"SELECT 1 {count_from}", params)
         page = (request.limit, request.offset)
         if request.order != "relevance" or q is None or negated is not None:
             order = "f.rowid ASC" if request.order == "time_asc" else "f.rowid DESC"

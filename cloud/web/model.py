@@ -16,6 +16,11 @@ from common.messages import CaptionRecord
 MAX_PAGE_SIZE = 500
 """Most results one search page may ask for (``limit``); more is a 422."""
 
+COUNT_CAP = 10_000
+"""Matches are counted up to this many; beyond, :attr:`SearchPage.total` is this number and
+``total_exact`` False ("10,000+"): counting every match of a word in most captions would cost
+more than ranking the page (search engines report "about N" for the same reason)."""
+
 Order = Literal["relevance", "time", "time_asc"]
 
 
@@ -133,7 +138,8 @@ class SearchHit:
 
 @dataclass(frozen=True)
 class SearchPage:
-    """One page of results and the total number of matches under the filters."""
+    """One page of results and the number of matches under the filters (exact up to
+    :data:`COUNT_CAP`, then a lower bound with ``total_exact`` False)."""
 
     hits: list[SearchHit]
     total: int
@@ -141,6 +147,8 @@ class SearchPage:
     offset: int
     widened: dict[str, list[str]] = field(default_factory=dict)
     """Query words outside the model's word map and the word-map words they were widened to."""
+    total_exact: bool = True
+    """False when more than :data:`COUNT_CAP` captions match: ``total`` is then a lower bound."""
 
 
 @dataclass(frozen=True)

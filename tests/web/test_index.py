@@ -436,3 +436,17 @@ def test_partial_hours_and_score_boundaries(caption_index: CaptionIndex) -> None
         expected = sorted(f for f, s in scores.items() if s >= m)
         assert sorted(frames(caption_index, "dog", min_score=m)) == expected, m
         assert sorted(frames(caption_index, "", min_score=m, devices=("cam2",))) == expected, m
+
+
+def test_matches_are_counted_up_to_the_cap_then_the_total_is_a_lower_bound(caption_index: CaptionIndex) -> None:
+    caption_index.upsert([doc("cam1", f"f{i}", T0 + timedelta(seconds=i), "a dog on a beach") for i in range(8)]
+                         + [doc("cam1", "g0", T0, "a cat")])
+    caption_index.count_cap = 5  # type: ignore[attr-defined]
+    for query, order in (("dog", "relevance"), ("dog", "time"), ("", "time"), ("a NOT cat", "time")):
+        page = caption_index.search(SearchRequest(query=query, order=order, limit=3))  # type: ignore[arg-type]
+        assert (page.total, page.total_exact, len(page.hits)) == (5, False, 3), query
+    page = caption_index.search(SearchRequest(query="cat"))
+    assert (page.total, page.total_exact) == (1, True)
+    caption_index.count_cap = 8  # type: ignore[attr-defined]
+    page = caption_index.search(SearchRequest(query="dog", limit=3))
+    assert (page.total, page.total_exact) == (8, True)  # exactly at the cap is still exact
