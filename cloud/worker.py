@@ -400,6 +400,23 @@ class CaptionWorker(CloudService):
             self._count("republished")
             self._publish_caption(record.device_id, body, marker)
 
+    def _publish_existing(self, caption_key: str, marker: str) -> None:
+        """Publish the stored record ``caption_key`` whose marker ``marker`` is still there; the
+        PUBACK deletes the marker (an unreadable record: the marker goes, with an error log)."""
+        try:
+            body = self._s3(lambda s: s.get_object(caption_key).body, f"reading {caption_key}")
+            record = CaptionRecord.from_json(body)
+        except (ObjectNotFoundError, MessageError) as err:
+            logger.error("worker: outbox %s: record unreadable (%s); dropping the marker", marker, err)
+            self._s3(lambda s: s.delete(marker), f"deleting {marker}")
+        else:
+            logger.warning("worker: frame %s of device %s: caption written by an earlier run but its "
+                           "publish not acknowledged; publishing it again", record.frame_id, record.device_id)
+            self._count("republished")
+            self._publish_caption(record.device_id, body, marker)
+        with self._lock:
+            self._open_markers.discard(marker)
+
     def _bad_key(self, key: str, reason: str) -> None:
         with self._lock:
             self._bad_keys.add(key)
@@ -613,8 +630,10 @@ class CaptionWorker(CloudService):
             self._open_markers.add(marker)
         aux = self._pool("aux")
         date_error = frame.date_error()
+        # If-None-Match: a marker already there is this worker's own from an earlier run that
+        # wrote the record and died before its publish was acknowledged (see below)
         requests: list[Future[Any]] = [
-            aux.submit(self._s3, lambda s: s.put(marker, b""), f"writing {marker}")]
+            aux.submit(self._s3, lambda s: s.put_if_absent(marker, b""), f"writing {marker}")]
         if date_error is None:
             requests.append(aux.submit(self._s3, lambda s: _get_or_none(s, key), f"reading {key}"))
         try:
@@ -623,6 +642,12 @@ class CaptionWorker(CloudService):
         finally:
             results = _results(requests)
         found: StoredObject | None = results[1] if date_error is None else None
+        if exists and results[0] is False:
+            # the record is written and an earlier run's marker says its publish was never
+            # acknowledged: publish it now (what the listing's outbox pass would do); deleting
+            # the marker here would lose that caption for the device
+            self._publish_existing(frame.caption_key, marker)
+            return None
         if exists or (date_error is None and found is None):
             if exists:
                 self._count("skipped")

@@ -36,15 +36,28 @@ def port_is_free(port: int, host: str = HOST) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    """First port of the kernel's ephemeral range (client sockets' local ports), 32768 if unknown."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def pick_port(*, grpc_too: bool = False, taken: Iterable[int] = (), host: str = HOST) -> int:
-    """A free TCP port on ``host`` (20000..39999); with ``grpc_too`` port + 10000 is free as well.
+    """A free TCP port on ``host``, below the kernel's ephemeral range (so no client socket can
+    take it while its server is down: a server restarted by ``stack up`` gets its old port back);
+    with ``grpc_too`` port + 10000 is free (and below that range) as well.
 
     Raises:
         StackError: no free port after many tries.
     """
     avoid = set(taken)
+    top = _ephemeral_start() - 1 - (GRPC_OFFSET if grpc_too else 0)
+    if top < 12000:  # an unusual ephemeral range: fall back to the old span
+        top = 39999
     for _ in range(500):
-        port = random.randint(20000, 39999)
+        port = random.randint(10000 if grpc_too else 20000, top)
         wanted = [port, port + GRPC_OFFSET] if grpc_too else [port]
         if any(p in avoid for p in wanted):
             continue

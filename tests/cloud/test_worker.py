@@ -11,6 +11,7 @@ from cloud_fakes import CAPTURED_AT, FakeCaptioner, FakeMqtt, FakeStore, jpeg_by
 from cloud.worker import CaptionWorker, decode_image
 from common.config import WorkerConfig
 from common.messages import CaptionRecord
+from common.topics import parse_frame_key
 
 FRAME = "frames/cam1/2026/01/31/f000001.jpg"
 CAPTION = "captions/cam1/2026/01/31/f000001.json"
@@ -135,6 +136,10 @@ def test_a_frame_waits_one_s3_round_trip_not_three() -> None:
             self._slow()
             return super().put(key, body, **kw)
 
+        def put_if_absent(self, key, body, **kw):  # type: ignore[no-untyped-def]
+            self._slow()
+            return super().put_if_absent(key, body, **kw)
+
     store = SlowStore()
     worker = CaptionWorker(WorkerConfig(), FakeCaptioner(), store=store, client_id="test-worker")
     put_frame(store)
@@ -210,8 +215,9 @@ def test_the_model_runs_while_the_previous_batch_is_written() -> None:
 
     class SlowStore(FakeStore):
         def put_if_absent(self, key, body, **kw):  # type: ignore[no-untyped-def]
-            writing.set()
-            release.wait(5)
+            if key.startswith("captions/"):  # the record writes (markers are written this way too)
+                writing.set()
+                release.wait(5)
             return super().put_if_absent(key, body, **kw)
 
     captioner = FakeCaptioner()
@@ -371,3 +377,30 @@ def test_frames_fetched_but_not_captioned_at_stop_leave_no_marker() -> None:
     worker._drop_fetched()
     assert job.marker not in store.objects and not worker._open_markers
     assert worker._slots._value == free + 1 and worker.backlog == 0
+
+
+def test_an_earlier_runs_marker_for_a_written_caption_is_published_not_deleted() -> None:
+    """A worker killed after writing a record and before its PUBACK leaves its marker. When the
+    restarted worker (same client_id) meets that frame again (a redelivered ack), it finds the
+    caption written and the marker there: it must publish the record, not delete the marker
+    (which would lose the caption for the device)."""
+    store = FakeStore()
+    worker = CaptionWorker(WorkerConfig(), FakeCaptioner(), store=store, client_id="test-worker")
+    put_frame(store)
+    frame = parse_frame_key(FRAME)
+    record = CaptionRecord(frame_id=frame.frame_id, device_id=frame.device_id, captured_at=None,
+                           caption="a dog", score=-1.0, model="m", frame_key=FRAME,
+                           caption_key=frame.caption_key)
+    store.put(frame.caption_key, record.to_json())
+    marker = worker._outbox.marker(frame.caption_key)
+    store.put(marker, b"")  # the earlier run's marker
+    published: list[tuple[str, bytes, str]] = []
+    worker._publish_caption = lambda device_id, body, m: published.append((device_id, body, m))  # type: ignore[method-assign]
+    assert worker._prepare(FRAME) is None
+    assert published == [(frame.device_id, record.to_json(), marker)]
+    assert marker in store.objects  # the PUBACK deletes it, not this
+    # without an earlier marker, a frame already captioned is skipped and leaves no marker
+    store.delete(marker)
+    published.clear()
+    assert worker._prepare(FRAME) is None
+    assert published == [] and marker not in store.objects
