@@ -21,6 +21,21 @@ class StackAlreadyRunning(StackError):
     """:meth:`LocalStack.up` found both servers of its state directory running."""
 
 
+PORT_RELEASE_S = 5.0
+"""How long :meth:`LocalStack.up` waits for an earlier port to be released before it picks another
+(the sockets of a server killed a moment ago are torn down by the kernel after its PID is gone)."""
+
+
+def _freed(*ports: int, grace_s: float = PORT_RELEASE_S) -> bool:
+    """True once every port in ``ports`` is free, waiting up to ``grace_s`` for it."""
+    deadline = time.monotonic() + grace_s
+    while not all(port_is_free(p) for p in ports):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
 class LocalStack(MosquittoControl, SeaweedControl):
     """mosquitto + SeaweedFS on 127.0.0.1 for tests, the demo and a laptop.
 
@@ -47,7 +62,7 @@ class LocalStack(MosquittoControl, SeaweedControl):
             if name in keep or (name == "mqtt_tls" and not self.tls):
                 continue
             port = self.ports.get(name)
-            if port is None or not port_is_free(port):
+            if port is None or not _freed(port):
                 if port is not None and name == "mqtt" and self._explicit_mqtt:
                     raise StackError(f"MQTT port {port} is in use")
                 port = pick_port(taken=taken)
@@ -57,7 +72,7 @@ class LocalStack(MosquittoControl, SeaweedControl):
             if name in keep:
                 continue
             port = self.ports.get(name)
-            if port is None or not (port_is_free(port) and port_is_free(port + GRPC_OFFSET)):
+            if port is None or not _freed(port, port + GRPC_OFFSET):
                 if port is not None and name == "s3" and self._explicit_s3:
                     raise StackError(f"S3 port {port} or its gRPC port {port + GRPC_OFFSET} is in use")
                 port = pick_port(grpc_too=True, taken=taken)
