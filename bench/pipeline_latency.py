@@ -13,6 +13,9 @@ model, beam 3, ``WorkerConfig`` defaults) and ``framecap edge`` devices as subpr
 * ``saturated``: ``--count`` frames already in S3, the worker asked for all at once: captions/s
   against the model alone on the same decoded images in batches of ``batch_size`` (the worker
   overlaps its S3 requests with the model: the ratio is what it loses to I/O).
+* ``sweep``: latency and throughput against load: four devices at ``--sweep-rates`` frames/s in
+  all (each rate a fresh run of ``load``), captions/s delivered and p50/p95 capture -> caption
+  at each rate; ``--plot PATH`` draws both against the offered rate (PNG, for docs/performance.md).
 * ``store``: one device sends every frame of the video as fast as it reads it, worker stopped:
   frames stored in S3 per second against a plain paho QoS 1 publish + boto3 put loop on the same
   (already encoded) JPEGs.
@@ -339,6 +342,50 @@ def run_store(bench: Bench, video: Path, jpegs: list[bytes]) -> dict[str, Any]:
             "stored_per_s": rate, "plain_loop_per_s": baseline, "ratio": rate / baseline}
 
 
+def run_sweep(bench: Bench, video: Path, rates: list[float], rate_model: float,
+              min_seconds: float, min_frames: int) -> list[dict[str, Any]]:
+    """``run_load`` at each offered rate (4 devices), long enough for ``min_frames`` frames."""
+    points = []
+    for fps in rates:
+        seconds = max(min_seconds, min_frames / fps)
+        point = run_load(bench, video, seconds, 4, fps, rate_model)
+        point["mode"] = "sweep"
+        emit(point)
+        points.append(point)
+    return points
+
+
+def plot_sweep(points: list[dict[str, Any]], path: Path) -> None:
+    """Captions/s and p50/p95 latency against the offered rate, one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    offered = [p["offered_frames_per_s"] for p in points]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(7, 6.5), sharex=True)
+    top.plot(offered, [p["captions_per_s"] for p in points], "o-", label="captions/s delivered")
+    top.plot(offered, offered, ":", color="grey", label="offered")
+    top.axhline(points[0]["model_only_per_s"], color="tab:red", ls="--",
+                label="model alone (batches)")
+    top.set_ylabel("captions / s")
+    top.legend(loc="upper left")
+    top.grid(alpha=0.3)
+    bottom.plot(offered, [p["p50_ms"] for p in points], "o-", label="p50")
+    bottom.plot(offered, [p["p95_ms"] for p in points], "s-", label="p95")
+    bottom.axhline(150, color="tab:green", ls=":", label="p50 target at 1 frame/s (150 ms)")
+    bottom.axhline(1000, color="tab:red", ls=":", label="p95 target at 10 frames/s (1 s)")
+    bottom.set_yscale("log")
+    bottom.set_ylabel("capture -> caption at the edge, ms")
+    bottom.set_xlabel("offered load, frames/s (4 devices, real time)")
+    bottom.legend(loc="upper left")
+    bottom.grid(alpha=0.3, which="both")
+    fig.suptitle("framecap pipeline on one machine: throughput and latency against load")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 @contextmanager
 def quiet_logs() -> Iterator[None]:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -349,7 +396,13 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--video", type=Path, default=DEFAULT_VIDEO)
     p.add_argument("--modes", nargs="+", default=["latency", "load", "saturated", "store"],
-                   choices=["latency", "load", "saturated", "store"])
+                   choices=["latency", "load", "saturated", "store", "sweep"],
+                   help="measurements to run (sweep is not in the default set)")
+    p.add_argument("--sweep-rates", type=float, nargs="+", default=[1, 2, 4, 8, 12, 16, 20, 24],
+                   help="offered frames/s (4 devices in all) of the sweep")
+    p.add_argument("--sweep-seconds", type=float, default=20.0,
+                   help="shortest run per sweep rate (longer where needed for 40 frames)")
+    p.add_argument("--plot", type=Path, default=None, help="write the sweep's plot here (PNG)")
     p.add_argument("--latency-frames", type=int, default=30, help="frames of the latency run (1/s)")
     p.add_argument("--load-seconds", type=float, default=30.0)
     p.add_argument("--count", type=int, default=96, help="frames of the saturated run")
@@ -374,6 +427,12 @@ def main(argv: list[str] | None = None) -> int:
             bench = Bench(Path(tmp), captioner, args.batch_size)
             try:
                 for mode in args.modes:
+                    if mode == "sweep":
+                        points = run_sweep(bench, args.video, args.sweep_rates, rate_model,
+                                           args.sweep_seconds, 40)
+                        if args.plot is not None:
+                            plot_sweep(points, args.plot)
+                        continue
                     if mode == "latency":
                         results[mode] = run_latency(bench, args.video, args.latency_frames, floor_ms)
                     elif mode == "load":
