@@ -54,6 +54,9 @@ FAULT_ORDER = (
     "ingest replica replaced (new client id, 2 replicas)",
     "ingest replica SIGKILLed, replaced (new client id, 2 replicas)",
     "broker restart with the edge reconnecting first",
+    "hostile device tries to join the ingest's and worker's share groups",
+    "mosquitto SIGKILLed mid-stream, healed by `framecap stack up`",
+    "SeaweedFS SIGKILLed mid-stream, healed by `framecap stack up`",
 )
 
 _ROWS: list[tuple[str, FaultRow]] = []
@@ -62,7 +65,7 @@ _ROWS: list[tuple[str, FaultRow]] = []
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[Any]) -> Iterator[None]:
     """Keep each phase's report on the item, so ``fault_row`` knows whether the test passed."""
-    outcome = yield
+    outcome: Any = yield  # pluggy hands the wrapper its Result here
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
 
@@ -114,6 +117,12 @@ def write_table(path: Path, rows: list[FaultRow], seconds: float) -> None:
         "  every frame sampled before that moment is stored and captioned.",
         "- The only loss allowed is a full spool on a live source: the oldest frames are dropped,",
         "  counted and logged (last row; a video file pauses instead).",
+        "- The hostile device row counts the victim device's frames; its notes compare the",
+        "  victim's p95 capture -> caption latency (at the edge) before the hostile device came and",
+        "  while it was there, in the same run.",
+        "- The healed rows: a server of the local stack SIGKILLed while frames flow, then",
+        "  `framecap stack up` on the same state directory restarts only that server; recovery",
+        "  is counted from when `stack up` returned.",
         "",
         "| fault | sampled | stored | captioned | duplicates | recovery time | result | notes |",
         "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",

@@ -28,6 +28,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -204,15 +205,30 @@ class SampledRecord:
 
 
 class EdgeCaptions:
-    """Captions that came back to the edge, per frame_id (the ``on_caption`` hook)."""
+    """Captions that came back to the edge, per frame_id (the ``on_caption`` hook).
+
+    In-process it also keeps each frame's capture -> caption latency (:meth:`latencies`): the
+    wall clock when its first caption was handed on minus the record's ``captured_at``.
+    """
 
     def __init__(self) -> None:
         self.counts: Counter[str] = Counter()
+        self._latency: dict[str, tuple[datetime, float]] = {}  # frame_id -> (captured_at, s)
         self._lock = threading.Lock()
 
     def add(self, record: CaptionRecord) -> None:
+        now = datetime.now(timezone.utc)
         with self._lock:
             self.counts[record.frame_id] += 1
+            if record.captured_at is not None and record.frame_id not in self._latency:
+                self._latency[record.frame_id] = (
+                    record.captured_at, (now - record.captured_at).total_seconds())
+
+    def latencies(self) -> dict[str, tuple[datetime, float]]:
+        """frame_id -> (captured_at UTC, capture -> caption at the edge in seconds), for the
+        captions the ``on_caption`` hook saw (not filled by :meth:`read_jsonl`)."""
+        with self._lock:
+            return dict(self._latency)
 
     def read_jsonl(self, path: Path) -> None:
         """Count the lines of an edge's ``captions_jsonl`` (subprocess edges)."""
