@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption bench-pipeline bench-edge clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption bench-pipeline bench-edge bench-listing clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
@@ -81,6 +81,10 @@ bench-pipeline: setup
 # The edge's CPU per frame (every frame sampled) against decode + JPEG encode, and its peak RSS.
 bench-edge: setup
 	$(BIN)/python bench/edge_cost.py $(BENCH_EDGE_ARGS)
+
+# The worker's periodic listing pass against its full pass and the old all-keys scan, at 20k and 200k objects.
+bench-listing: setup
+	$(BIN)/python bench/worker_listing.py $(BENCH_LISTING_ARGS)
 
 clean:
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache

@@ -2,9 +2,31 @@
 
 Frames are found two ways: the ingest's :class:`~common.messages.FrameAck` on
 ``$share/{share_group}/{prefix}/+/acks`` (published after the S3 write, so the object exists;
-low latency), and a listing of ``frames/`` at start and every ``list_interval_s`` (nothing is
-missed after a restart, and objects put by other tools are captioned too). A frame whose
+low latency), and listings of ``frames/`` against ``captions/`` (nothing is missed after a
+restart or a lost ack, and objects put by other tools are captioned too). A frame whose
 ``captions/...json`` exists is skipped; a key already queued or in a batch is not queued twice.
+
+Listings cost what is new, not what exists (issue 8):
+
+- a **full pass** (at start, on SIGHUP, every ``full_list_interval_s`` if set) streams every key
+  of ``frames/`` and ``captions/`` in key order and merge-joins the two streams
+  (:func:`join_captions`; memory stays O(1), not O(bucket));
+- a **periodic pass** (every ``list_interval_s``) finds the devices with one delimiter listing
+  of ``frames/`` and lists, per device, only the ``recent_days`` most recent UTC days (and
+  tomorrow, for an edge clock ahead), each from a cursor: ``StartAfter`` the last frame of that
+  day such that every frame up to it has its caption and was stored at least
+  ``listing_settle_s`` ago. A frame without a caption stops the cursor (it is listed again until
+  it has one); the settle time keeps a frame that lands late under an earlier key (a resend
+  after an ingest was stuck) above the cursor. A pass costs O(devices x days) LIST calls plus
+  the keys of the last ``listing_settle_s`` and the new ones. Cursors of days that leave the
+  window are dropped;
+- after the worker **reconnects** to the broker (acks published while it was away are lost: a
+  clean session) the next periodic pass lists the recent days without cursors;
+- a frame whose fetch or write failed other than by an S3 outage (those are retried in place)
+  is queued again by the next periodic pass, whatever its day.
+
+Frames in older days whose ack was lost (an edge clock days behind, a frame put there by hand)
+are found by the next full pass: ``kill -HUP`` the worker, or set ``full_list_interval_s``.
 
 Three stages overlap, so the model never waits on S3 (issue 9): a pool of ``io_threads``
 threads fetches frames (caption exists? get, decode, outbox marker) ahead of the model, at most
@@ -38,15 +60,17 @@ edge drops repeats by frame_id).
 from __future__ import annotations
 
 import argparse
+import heapq
 import logging
 import queue
+import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 from typing import Any, Protocol
 
 import numpy as np
@@ -68,8 +92,14 @@ from cloud.service import (
 from cloud.validation import captured_at_from, decode_image
 from common.config import ConfigError, WorkerConfig, load_config
 from common.messages import CaptionRecord, FrameAck, MessageError
-from common.storage import ObjectNotFoundError, ObjectStore, StorageError, StoredObject
-from common.topics import FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_key
+from common.storage import (
+    ListedObject,
+    ObjectNotFoundError,
+    ObjectStore,
+    StorageError,
+    StoredObject,
+)
+from common.topics import CAPTIONS_PREFIX, FRAMES_PREFIX, FrameKey, InvalidIdError, parse_frame_key
 
 logger = logging.getLogger(__name__)
 
@@ -130,6 +160,103 @@ def _results(futures: Sequence[Future[Any]]) -> list[Any]:
     return [future.result() for future in futures]
 
 
+def caption_key_for(key: str) -> str | None:
+    """``frames/X.jpg`` -> ``captions/X.json`` (what :attr:`FrameKey.caption_key` gives for a key
+    of the contract, without parsing it); None for a key that is not ``frames/...jpg``."""
+    if key.startswith(FRAMES_PREFIX) and key.endswith(".jpg"):
+        return f"{CAPTIONS_PREFIX}{key[len(FRAMES_PREFIX):-4]}.json"
+    return None
+
+
+def frame_key_for(key: str) -> str | None:
+    """``captions/X.json`` -> ``frames/X.jpg``; None for a key that is not ``captions/...json``."""
+    if key.startswith(CAPTIONS_PREFIX) and key.endswith(".json"):
+        return f"{FRAMES_PREFIX}{key[len(CAPTIONS_PREFIX):-5]}.jpg"
+    return None
+
+
+def join_captions(
+    frames: Iterable[ListedObject], captions: Iterable[str]
+) -> Iterator[tuple[ListedObject, bool]]:
+    """Merge-join a listing of frames with a listing of caption keys: each frame, in order, with
+    whether its caption (:func:`caption_key_for`) is among ``captions``.
+
+    Both inputs must be in key order (as S3 lists them). ``frames/.../X.jpg`` and
+    ``captions/.../X.json`` sort alike except for ids where one is another plus a dot and more
+    (``a`` and ``a.jpz``: ``a.jpg`` < ``a.jpz.jpg`` but ``a.jpz.json`` < ``a.json``): a caption
+    taken ahead of its frame waits in a heap until its frame comes (or is passed), so the answer
+    is exact whatever the ids. Memory: O(1) for keys of the contract (a page of each listing is
+    held by the listing, not here). ``captions`` is not touched before the first frame with a
+    caption key (no request for an empty listing of frames).
+    """
+    pending = iter(captions)
+    head: str | None = None  # the next caption key, taken from ``pending`` but not yet used
+    exhausted = False
+    early: list[str] = []  # heap: frame keys of captions taken before their frame came
+    for frame in frames:
+        wanted = caption_key_for(frame.key)
+        if wanted is None:
+            yield frame, False
+            continue
+        while not exhausted:  # take every caption up to ``wanted``, in caption-key order
+            if head is None:
+                head = next(pending, None)
+                if head is None:
+                    exhausted = True
+                    break
+            if head > wanted:
+                break
+            other = frame_key_for(head)
+            head = None
+            if other is not None:
+                heapq.heappush(early, other)
+        while early and early[0] < frame.key:  # captions whose frame is not in this listing
+            heapq.heappop(early)
+        if early and early[0] == frame.key:
+            heapq.heappop(early)
+            yield frame, True
+        else:
+            yield frame, False
+
+
+def caption_start_after(day_prefix: str, cursor: str) -> str:
+    """The ``StartAfter`` of a day's caption listing that goes with a frame listing
+    ``StartAfter=cursor`` (a key under ``frames/{day_prefix}``): ``captions/{day_prefix}`` and the
+    cursor's id up to its first dot. Every caption of a frame after the cursor sorts after it,
+    whatever the ids (see :func:`join_captions`); a few captions before it may be listed too."""
+    tail = cursor[len(FRAMES_PREFIX) + len(day_prefix):]
+    return f"{CAPTIONS_PREFIX}{day_prefix}{tail.split('.', 1)[0]}"
+
+
+def _day_prefix(key: str) -> tuple[str, str] | None:
+    """``frames/cam1/2026/12/02/x.jpg`` -> (``cam1/2026/12/02/``, ``2026/12/02``); None for a key
+    with fewer levels."""
+    parts = key[len(FRAMES_PREFIX):].split("/", 4)
+    if len(parts) < 5:
+        return None
+    return "/".join(parts[:4]) + "/", "/".join(parts[1:4])
+
+
+@dataclass
+class ListingPass:
+    """What one listing pass did (:attr:`CaptionWorker.last_pass`).
+
+    Attributes:
+        kind: ``full``, ``recent`` (from the cursors) or ``recent-uncursored`` (after a
+            reconnect, or for days without a cursor yet: whole days).
+        list_calls: ListObjectsV2 requests (outbox/ included).
+        keys_seen: keys those requests returned.
+        queued: frames without a caption queued for captioning.
+        seconds: wall time of the pass.
+    """
+
+    kind: str
+    list_calls: int = 0
+    keys_seen: int = 0
+    queued: int = 0
+    seconds: float = 0.0
+
+
 def _get_or_none(store: ObjectStore, key: str) -> StoredObject | None:
     """The object, or None if it is gone; raises StorageError on other failures."""
     try:
@@ -154,7 +281,9 @@ class CaptionWorker(CloudService):
 
     Attributes:
         counters: (property) a snapshot: ``captioned``, ``errors``, ``skipped``,
-            ``notified``, ``listed``, ``batches``, ``bad_keys``, ``s3_errors``.
+            ``notified``, ``listed``, ``batches``, ``bad_keys``, ``s3_errors``,
+            ``full_passes``, ``recent_passes``.
+        last_pass: the last listing pass that ended (:class:`ListingPass`), else None.
     """
 
     def __init__(
@@ -195,6 +324,18 @@ class CaptionWorker(CloudService):
         self._ready: queue.Queue[_Job] = queue.Queue()  # fetched, waiting for the model
         self._to_write: queue.Queue[list[_Job] | None] = queue.Queue()  # captioned batches
         self._open_markers: set[str] = set()  # written, record not yet written and published
+        # listings (see the module docstring); the flags are plain attributes: a signal handler
+        # and paho's thread set them
+        self.last_pass: ListingPass | None = None
+        self._scan_lock = threading.Lock()  # one pass at a time
+        self._cursors: dict[str, str] = {}  # "cam1/2026/12/02/" -> last frame key passed
+        self._full_due = True  # the first pass is a full one
+        self._full_reason: str | None = None  # why one was asked for (logged by the pass)
+        self._last_full_end: float | None = None  # time.monotonic() at the end of the last one
+        self._uncursored_due = False  # the next periodic pass lists whole days
+        self._connected_once = False
+        self._retry: set[str] = set()  # keys whose fetch or write failed (a bug): queued again
+        self._list_wake = threading.Event()  # a pass is wanted now (SIGHUP, reconnect, stop)
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self, *, mqtt_enabled: bool = True) -> None:
@@ -223,6 +364,7 @@ class CaptionWorker(CloudService):
         if mqtt_enabled:
             client = ShareGroupClient(self.config.mqtt, self.client_id)
             client.on_published(self._on_published)
+            client.on_connected(self._on_connected)
             client.on_publish_refused(self._on_publish_refused)
             client.share(self._acks_filter, self._on_ack, 1)
             client.start()
@@ -247,6 +389,7 @@ class CaptionWorker(CloudService):
             self._client.leave(self._acks_filter, timeout_s=min(2.0, timeout / 2))
         deadline = time.monotonic() + timeout
         self._stop.set()
+        self._list_wake.set()
         writer = None
         for thread in self._threads:
             if thread.name == "worker-writes":
@@ -308,34 +451,172 @@ class CaptionWorker(CloudService):
         self._count("notified")
         self.request(ack.key)
 
-    def scan(self) -> int:
-        """List ``frames/`` and ``captions/`` once and queue every frame without a caption.
+    def request_full_listing(self, reason: str = "SIGHUP") -> None:
+        """Ask for a full listing pass now (the next pass; safe in a signal handler: it only sets
+        flags). The pass logs ``worker: full listing pass requested (<reason>)``."""
+        self._full_reason = reason
+        self._full_due = True
+        self._list_wake.set()
+
+    def _on_connected(self, session_present: bool) -> None:
+        """MQTT network thread: after a reconnect, list the recent days without cursors (acks
+        published while the worker was away went nowhere: a clean session)."""
+        if self._connected_once:
+            with self._lock:
+                self._uncursored_due = True
+            logger.info("worker: reconnected to the broker; acks published while it was away are "
+                        "lost, so the next listing lists the last %d days without cursors",
+                        self.config.recent_days)
+            self._list_wake.set()
+        self._connected_once = True
+
+    def scan(self, *, full: bool | None = None) -> int:
+        """One listing pass: republish the outbox's due records, then queue every listed frame
+        without a caption.
+
+        Args:
+            full: True for a full pass (every key of frames/ and captions/), False for a periodic
+                one (the recent days, from the cursors), None to let the worker choose: full
+                for its first pass, when one was asked for (:meth:`request_full_listing`) or
+                ``full_list_interval_s`` has passed since the last; else periodic.
 
         Returns:
             How many keys were queued.
         Raises:
-            StorageError: a listing failed.
+            StorageError: a listing failed (a full pass asked for is then still due).
         """
-        store = self._require_store()
-        self._republish_outbox(store)
-        captions = set(store.list_keys("captions/"))
-        queued = 0
-        for key in store.list_keys(FRAMES_PREFIX):
-            if key.endswith("/") or key in self._bad_keys:
-                continue
-            try:  # an impossible date still names a caption key: it gets an error record
-                frame = parse_frame_key(key, check_date=False)
-            except InvalidIdError as err:
-                self._bad_key(key, str(err))
-                continue
-            if frame.caption_key not in captions and self.request(key):
-                queued += 1
-        self._count("listed", queued)
-        if queued:
-            logger.info("worker: listing found %d frames without captions", queued)
-        return queued
+        with self._scan_lock:
+            if full is None:
+                every = self.config.full_list_interval_s
+                full = self._full_due or (
+                    every > 0 and self._last_full_end is not None
+                    and time.monotonic() - self._last_full_end >= every)
+            reason, self._full_reason = self._full_reason, None
+            if full and reason:
+                logger.info("worker: full listing pass requested (%s)", reason)
+            with self._lock:
+                uncursored, self._uncursored_due = self._uncursored_due, False
+            kind = "full" if full else ("recent-uncursored" if uncursored else "recent")
+            stats = ListingPass(kind)
+            started = time.monotonic()
+            store = self._require_store()
+            try:
+                self._republish_outbox(store, stats)
+                if full:
+                    self._full_pass(store, stats)
+                else:
+                    self._recent_pass(store, stats, uncursored)
+            except BaseException:
+                with self._lock:
+                    self._uncursored_due = self._uncursored_due or uncursored
+                if full and reason:
+                    self._full_reason = self._full_reason or reason
+                raise
+            stats.seconds = time.monotonic() - started
+            if full:
+                self._full_due = False
+                self._last_full_end = time.monotonic()
+            self.last_pass = stats
+        self._count("full_passes" if full else "recent_passes")
+        self._count("listed", stats.queued)
+        args = (stats.kind, stats.list_calls, stats.keys_seen, stats.queued, stats.seconds)
+        logger.debug("worker: %s listing pass: %d LIST calls, %d keys seen, %d queued, %.3f s",
+                     *args)
+        if stats.queued:
+            logger.info("worker: %s listing pass found %d frames without captions (%d LIST calls, "
+                        "%d keys seen, %.2f s)", stats.kind, stats.queued, stats.list_calls,
+                        stats.keys_seen, stats.seconds)
+        return stats.queued
 
-    # -- the outbox ----------------------------------------------------------------------
+    def _window(self) -> tuple[list[str], datetime]:
+        """The days a periodic pass lists (``YYYY/MM/DD``, UTC: tomorrow, today and the
+        ``recent_days - 1`` before) and the newest LastModified a cursor may pass."""
+        now = datetime.now(timezone.utc)
+        today = now.date()
+        days = [today + timedelta(days=1 - k) for k in range(self.config.recent_days + 1)]
+        settled = now - timedelta(seconds=self.config.listing_settle_s)
+        return sorted(f"{day:%Y/%m/%d}" for day in days), settled
+
+    def _listing(self, store: ObjectStore, stats: ListingPass, prefix: str,
+                 start_after: str | None = None) -> Iterator[ListedObject]:
+        """``store.list_pages`` flattened, counting requests and keys into ``stats``."""
+        for page in store.list_pages(prefix, start_after=start_after):
+            stats.list_calls += 1
+            stats.keys_seen += len(page)
+            yield from page
+
+    def _full_pass(self, store: ObjectStore, stats: ListingPass) -> None:
+        """Stream frames/ against captions/ (merge join), queue the missing, set the cursors of
+        the days in the window."""
+        days, settled = self._window()
+        frames = self._listing(store, stats, FRAMES_PREFIX)
+        captions = (item.key for item in self._listing(store, stats, CAPTIONS_PREFIX))
+        cursors: dict[str, str] = {}
+        self._walk(join_captions(frames, captions), stats, set(days), settled, cursors)
+        self._cursors = cursors
+
+    def _recent_pass(self, store: ObjectStore, stats: ListingPass, uncursored: bool) -> None:
+        """List the window's days of every device from their cursors (whole days when
+        ``uncursored``); queue the missing; move the cursors on, drop the rest."""
+        days, settled = self._window()
+        with self._lock:  # failed frames of any day, found by an earlier pass or an ack
+            retry, self._retry = self._retry, set()
+        stats.queued += sum(self.request(key) for key in sorted(retry))
+        devices = list(store.list_prefixes(FRAMES_PREFIX))
+        stats.list_calls += 1 + len(devices) // 1000
+        stats.keys_seen += len(devices)
+        cursors: dict[str, str] = {}
+        for device in devices:
+            for day in days:
+                day_prefix = f"{device[len(FRAMES_PREFIX):]}{day}/"
+                cursor = None if uncursored else self._cursors.get(day_prefix)
+                frames = self._listing(store, stats, FRAMES_PREFIX + day_prefix, cursor)
+                captions = (item.key for item in self._listing(
+                    store, stats, CAPTIONS_PREFIX + day_prefix,
+                    caption_start_after(day_prefix, cursor) if cursor else None))
+                found: dict[str, str] = {}
+                self._walk(join_captions(frames, captions), stats, {day}, settled, found)
+                moved = found.get(day_prefix, cursor)
+                if moved is not None:
+                    cursors[day_prefix] = moved
+        self._cursors = cursors
+
+    def _walk(self, joined: Iterable[tuple[ListedObject, bool]], stats: ListingPass,
+              days: set[str], settled: datetime, cursors: dict[str, str]) -> None:
+        """Queue each frame of ``joined`` without a caption; for the frames of ``days``, set
+        ``cursors[day_prefix]`` to the last frame of the day up to which every frame has its
+        caption (or can never have one: a key outside the contract) and was stored no later
+        than ``settled``."""
+        current: str | None = None
+        blocked = False
+        for item, captioned in joined:
+            done = captioned or self._missing(item.key, stats)
+            where = _day_prefix(item.key)
+            if where is None or where[1] not in days:
+                continue
+            if where[0] != current:
+                current, blocked = where[0], False
+            if blocked:
+                continue
+            if done and item.last_modified is not None and item.last_modified <= settled:
+                cursors[current] = item.key
+            else:
+                blocked = True
+
+    def _missing(self, key: str, stats: ListingPass) -> bool:
+        """A listed frame without a caption: queue it. True if it never needs one (a folder
+        marker, a key outside the contract: logged once)."""
+        if key.endswith("/") or key in self._bad_keys:
+            return True
+        try:  # an impossible date still names a caption key: it gets an error record
+            parse_frame_key(key, check_date=False)
+        except InvalidIdError as err:
+            self._bad_key(key, str(err))
+            return True
+        if self.request(key):
+            stats.queued += 1
+        return False
+
     def _on_published(self, mid: int) -> None:
         """MQTT network thread: a publish was acknowledged; its marker can go (batch thread)."""
         self._outbox.acknowledged(mid)
@@ -369,12 +650,12 @@ class CaptionWorker(CloudService):
         """Delete the markers of acknowledged publishes (batch thread)."""
         self._outbox.clear(self._require_store())
 
-    def _republish_outbox(self, store: ObjectStore) -> None:
+    def _republish_outbox(self, store: ObjectStore, stats: ListingPass) -> None:
         """Republish records whose publish was never acknowledged (see cloud/outbox.py).
 
         Markers of frames this worker is captioning now (written, record not yet published)
         are not due: their record may not exist yet."""
-        listed = set(store.list_keys(OUTBOX_PREFIX))
+        listed = {item.key for item in self._listing(store, stats, OUTBOX_PREFIX)}
         with self._lock:
             listed -= self._open_markers
         for marker in self._outbox.due(listed):
@@ -426,8 +707,11 @@ class CaptionWorker(CloudService):
         )
 
     def _list_loop(self) -> None:
+        """A listing pass every ``list_interval_s`` (sooner when one is asked for); S3 outages
+        retried with backoff."""
         delays = retry_delays(1.0, self.config.list_interval_s)
         while not self._stop.is_set():
+            self._list_wake.clear()  # a request during the pass makes the next one start at once
             try:
                 self.scan()
                 wait = self.config.list_interval_s
@@ -444,7 +728,7 @@ class CaptionWorker(CloudService):
             except Exception:  # noqa: BLE001 - keep listing whatever happens
                 logger.exception("worker: listing failed")
                 wait = self.config.list_interval_s
-            self._stop.wait(wait)
+            self._list_wake.wait(wait)
 
     # -- the pipeline: fetch -> model -> write ---------------------------------------------------
     def _pool(self, stage: str) -> ThreadPoolExecutor:
@@ -491,6 +775,8 @@ class CaptionWorker(CloudService):
             pass
         except Exception:  # noqa: BLE001 - one bad frame must never stop the worker
             logger.exception("worker: fetching %s failed; the next listing retries it", key[:300])
+            with self._lock:
+                self._retry.add(key)
         finally:
             if job is not None:
                 self._ready.put(job)
@@ -565,6 +851,8 @@ class CaptionWorker(CloudService):
                 logger.exception(
                     "worker: writing a batch of %d failed; the next listing retries it", len(jobs)
                 )
+                with self._lock:
+                    self._retry.update(job.key for job in jobs or [])
             finally:
                 with self._lock:
                     self._pending.difference_update(job.key for job in jobs or [])
@@ -785,9 +1073,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="override batch_size, most frames per model batch (default: 8)")
     parser.add_argument("--list-interval", type=float, metavar="S",
-                        help="override list_interval_s: list frames/ every S seconds to catch up "
-                             "(default: 30)")
+                        help="override list_interval_s: list the recent days of frames/ every S "
+                             "seconds to catch up (default: 30)")
+    parser.add_argument("--recent-days", type=int, metavar="N",
+                        help="override recent_days: UTC days a periodic listing looks at, today "
+                             "and the N-1 before, and tomorrow (default: 2)")
+    parser.add_argument("--full-list-interval", type=float, metavar="S",
+                        help="override full_list_interval_s: list every key of frames/ and "
+                             "captions/ every S seconds; 0 only at start and on SIGHUP (default: 0)")
+    parser.add_argument("--listing-settle", type=float, metavar="S",
+                        help="override listing_settle_s: a periodic listing resumes after frames "
+                             "captioned and stored at least S seconds ago (default: 600)")
     return parser
+
+
+def install_full_listing_signal(worker: CaptionWorker) -> Any:
+    """Make SIGHUP ask ``worker`` for a full listing pass; returns the previous handler (None
+    where the platform has no SIGHUP). Call from the main thread."""
+    if not hasattr(signal, "SIGHUP"):
+        return None
+    return signal.signal(signal.SIGHUP, lambda *_: worker.request_full_listing("SIGHUP"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -805,6 +1110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "beam_size": args.beam_size,
         "batch_size": args.batch_size,
         "list_interval_s": args.list_interval,
+        "recent_days": args.recent_days,
+        "full_list_interval_s": args.full_list_interval,
+        "listing_settle_s": args.listing_settle,
     }
     try:
         config = load_config(WorkerConfig, args.config, overrides)
@@ -838,4 +1146,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     if problem is not None:
         print(f"framecap worker: {problem}", file=sys.stderr)
         return 2
-    return run_until_signal(CaptionWorker(config, captioner), "worker")
+    worker = CaptionWorker(config, captioner)
+    install_full_listing_signal(worker)
+    return run_until_signal(worker, "worker")

@@ -24,6 +24,7 @@ import logging
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import boto3
@@ -142,6 +143,16 @@ class StoredObject:
     metadata: dict[str, str]
     content_type: str | None
     etag: str | None
+
+
+@dataclass(frozen=True)
+class ListedObject:
+    """One key of a listing: its name, when it was last written (UTC, whole seconds on most
+    servers; None if the server did not say) and its size in bytes."""
+
+    key: str
+    last_modified: datetime | None
+    size: int
 
 
 def error_code(err: BaseException) -> str:
@@ -445,3 +456,50 @@ class ObjectStore:
                 return
             kwargs["ContinuationToken"] = token
             kwargs.pop("StartAfter", None)
+
+    def list_pages(
+        self, prefix: str = "", *, start_after: str | None = None, page_size: int = 1000
+    ) -> Iterator[list[ListedObject]]:
+        """The keys under ``prefix`` after ``start_after``, in lexicographic (UTF-8 byte)
+        order, one ListObjectsV2 request per page of at most ``page_size`` keys.
+
+        A generator: each page is requested when the previous one is consumed (nothing is
+        requested before the first ``next``). Raises StorageError (from the iteration) if a page
+        cannot be listed.
+        """
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "MaxKeys": page_size}
+        if start_after:
+            kwargs["StartAfter"] = start_after
+        while True:
+            try:
+                page = self.client.list_objects_v2(**kwargs)
+            except (ClientError, BotoCoreError) as err:
+                raise self._fail("list_objects_v2", prefix, err) from err
+            yield [ListedObject(item["Key"], item.get("LastModified"), int(item.get("Size", 0)))
+                   for item in page.get("Contents", [])]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            kwargs["ContinuationToken"] = token
+            kwargs.pop("StartAfter", None)
+
+    def list_prefixes(self, prefix: str = "", delimiter: str = "/") -> Iterator[str]:
+        """The "folders" right under ``prefix``: each distinct ``prefix + name + delimiter`` of
+        the keys below it (ListObjectsV2 CommonPrefixes, in lexicographic order), e.g.
+        ``frames/cam1/`` for ``list_prefixes("frames/")``. One request per 1,000 folders (and
+        keys right under ``prefix``), however many keys lie deeper.
+
+        A generator; raises StorageError (from the iteration) if a page cannot be listed.
+        """
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": prefix, "Delimiter": delimiter}
+        while True:
+            try:
+                page = self.client.list_objects_v2(**kwargs)
+            except (ClientError, BotoCoreError) as err:
+                raise self._fail("list_objects_v2", prefix, err) from err
+            for item in page.get("CommonPrefixes", []):
+                yield item["Prefix"]
+            token = page.get("NextContinuationToken")
+            if not page.get("IsTruncated") or not token:
+                return
+            kwargs["ContinuationToken"] = token
