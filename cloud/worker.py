@@ -491,9 +491,12 @@ class CaptionWorker(CloudService):
                 full = self._full_due or (
                     every > 0 and self._last_full_end is not None
                     and time.monotonic() - self._last_full_end >= every)
-            reason, self._full_reason = self._full_reason, None
-            if full and reason:
-                logger.info("worker: full listing pass requested (%s)", reason)
+            reason = None
+            if full:  # taken now: a request during the pass asks for another one
+                self._full_due = False
+                reason, self._full_reason = self._full_reason, None
+                if reason:
+                    logger.info("worker: full listing pass requested (%s)", reason)
             with self._lock:
                 uncursored, self._uncursored_due = self._uncursored_due, False
             kind = "full" if full else ("recent-uncursored" if uncursored else "recent")
@@ -509,12 +512,12 @@ class CaptionWorker(CloudService):
             except BaseException:
                 with self._lock:
                     self._uncursored_due = self._uncursored_due or uncursored
-                if full and reason:
+                if full:
+                    self._full_due = True
                     self._full_reason = self._full_reason or reason
                 raise
             stats.seconds = time.monotonic() - started
             if full:
-                self._full_due = False
                 self._last_full_end = time.monotonic()
             self.last_pass = stats
         self._count("full_passes" if full else "recent_passes")
