@@ -16,6 +16,10 @@ in tensors, n-gram bans are a scatter, and the host reads one small flag vector 
 per-image beam search; ``tests/captioning/test_pinned_captions.py`` pins the default model's
 captions.
 
+Under autocast (``Captioner(precision="bf16")``, fp16 on CUDA) the decoder's steps run in the
+autocast dtype; the output layer's logits are cast to float32 before the log-softmax, so the
+scores and their sums over the steps stay float32.
+
 Beam size 1 is greedy decoding. ``no_repeat_ngram_size=N`` forbids a word that would repeat
 an n-gram of N words already in the hypothesis (as ``no_repeat_ngram_size`` in Hugging Face
 ``generate``, after fairseq), e.g. "a dog playing with a dog" with N=2.
@@ -144,7 +148,8 @@ def beam_search(decoder: DecoderWithAttention, encoder_out: torch.Tensor, word_m
         m = image_ids.size(0)  # images still decoding
         embedded = decoder.embedding(seqs[:, -1])  # (m*k, embed_dim)
         h, c, alpha = decoder.step_beams(embedded, features, att1, h, c, work)  # alpha (m*k, num_pixels)
-        logp = F.log_softmax(decoder.fc(h), dim=1)  # (m*k, vocab_size)
+        # float32 whatever the autocast dtype: a hypothesis' score adds up to max_len + 1 of them
+        logp = F.log_softmax(decoder.fc(h).float(), dim=1)  # (m*k, vocab_size)
         logp.index_fill_(1, banned, neg_inf)
         if no_repeat_ngram_size > 0:
             _ban_repeats_(logp, seqs, no_repeat_ngram_size)

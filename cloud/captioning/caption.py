@@ -35,6 +35,25 @@ if TYPE_CHECKING:  # torch, numpy and Pillow are imported when a command runs, s
 
 logger = logging.getLogger(__name__)
 
+# as cloud.captioning.train_utils.PRECISIONS (a test checks it), without importing torch for --help
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
+PRECISION_HELP = ("autocast precision of the encoder and decoder: auto (on CUDA bf16 where the GPU has it, "
+                  "else fp16; fp32 on a CPU), fp32, bf16 (also on a CPU) or fp16 (CUDA only) "
+                  "(default: %(default)s)")
+
+
+def check_precision(precision: str, device: str) -> str | None:
+    """Why ``--precision precision`` cannot run on ``--device device`` (fp16 on a CPU, bf16 on
+    a GPU without native bfloat16), or None when it can. Imports torch; a command calls it
+    after ``check_device`` and exits 2 with the message."""
+    from cloud.captioning.inference import inference_precision, resolve_device
+
+    try:
+        inference_precision(precision, resolve_device(device))
+    except ValueError as err:
+        return str(err)
+    return None
+
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -55,6 +74,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="images captioned in parallel, each on one CPU thread "
                         "(default: the CPUs this process may use, at most 4)")
     p.add_argument("--batch-size", type=int, default=32, help="images per beam search (default: %(default)s)")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
     p.add_argument("--json", action="store_true",
                    help='one JSON line per image: {"image", "caption", "score"} (default: tab-separated)')
     p.add_argument("--attention-dir", type=Path, default=None,
@@ -106,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
     captioner = Captioner.load(args.model, device=args.device, beam_size=args.beam_size,
                                max_caption_length=args.max_caption_length,
-                               threads=args.threads or default_threads())
+                               threads=args.threads or default_threads(), precision=args.precision)
     captioner.batch_size = args.batch_size
     attention = args.attention_dir is not None
     if attention:
@@ -141,11 +161,11 @@ def run(args: argparse.Namespace) -> int:
 def main(argv: list[str]) -> int:
     """``framecap caption``: 0 when every image was captioned, 1 when one was not or the model
     cannot load (missing, a directory, not a checkpoint), 2 on a bad option (a device this
-    machine lacks)."""
+    machine lacks, a precision it cannot run)."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    problem = check_device(args.device)
+    problem = check_device(args.device) or check_precision(args.precision, args.device)
     if problem is not None:
         parser.exit(2, f"framecap caption: {problem}\n")
     problem = check_checkpoint(args.model) if args.model is not None else None

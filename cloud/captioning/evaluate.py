@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from cloud.captioning.caption import PRECISION_CHOICES, PRECISION_HELP, check_precision
 from cloud.captioning.metrics import METRIC_KEYS
 from common.cli import (
     DEVICE_HELP,
@@ -53,6 +54,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=None, help="caption only the first N images of the split (default: all)")
     p.add_argument("--batch-size", type=int, default=32, help="images per batch (default: %(default)s)")
     p.add_argument("--device", type=device_arg, default="auto", help=DEVICE_HELP)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default="auto", help=PRECISION_HELP)
     p.add_argument("--json", action="store_true",
                    help="print the scores as one JSON object (default: one score per line)")
     p.add_argument("--output", type=Path, default=None,
@@ -83,7 +85,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
         raise DatasetError(f"{args.karpathy_json}: no images in split {args.split!r}")
     check_images(images, args.image_dir, decode=False)
     captioner = Captioner.load(args.model, device=args.device, beam_size=args.beam_size,
-                               max_caption_length=args.max_caption_length)
+                               max_caption_length=args.max_caption_length, precision=args.precision)
     if args.length_penalty is not None:
         captioner.length_penalty = args.length_penalty
     if args.no_repeat_ngram_size is not None:
@@ -91,7 +93,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
     captioner.batch_size = args.batch_size
     t0 = time.time()
     hypotheses = caption_split(captioner, [i.filename for i in images], args.image_dir, args.batch_size)
-    logger.info("captioned %d images in %.1fs (beam %d)", len(images), time.time() - t0, args.beam_size)
+    logger.info("captioned %d images in %.1fs (beam %d, precision %s)", len(images), time.time() - t0,
+                args.beam_size, captioner.precision.name)
     references = [[" ".join(c) for c in i.captions] for i in images]
     scores = coco_scores(references, hypotheses)
     if args.output:
@@ -104,11 +107,11 @@ def evaluate(args: argparse.Namespace) -> dict[str, float]:
 def main(argv: list[str]) -> int:
     """``framecap evaluate``: 0 with the scores printed; 1 when the dataset, its images or the
     model cannot be used (missing, a directory, not what is expected); 2 on a bad option (a
-    device this machine lacks)."""
+    device this machine lacks, a precision it cannot run)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     parser = get_args_parser()
     args = parser.parse_args(argv)
-    problem = check_device(args.device)
+    problem = check_device(args.device) or check_precision(args.precision, args.device)
     if problem is not None:
         parser.exit(2, f"framecap evaluate: {problem}\n")
     problem = check_file(args.karpathy_json, "Karpathy JSON file")

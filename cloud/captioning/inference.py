@@ -29,6 +29,18 @@ How it is fast on a CPU (docs/performance.md has the measurements):
   7-30x on a busy 2-core machine; independent single-threaded chunks slow down only in
   proportion to the CPU they get. ``threads=None`` leaves torch's threads alone and captions on
   the calling thread (the web server's one-image attention requests).
+
+Precision (``precision``; ``framecap caption --precision``, ``framecap evaluate --precision``):
+``auto`` is float32 on a CPU (the captions of the default decoding are bitwise those of the
+float32 model) and, on CUDA, bfloat16 autocast on a GPU that computes in bfloat16 natively
+(Ampere and later), else float16 autocast: the choice of ``framecap train --precision``
+(``train_utils.choose_precision``). Autocast covers the encoder and the decoder's steps; the
+beam search adds its log-probabilities in float32. ``bf16`` may be asked on a CPU as well
+(docs/performance.md gives its BLEU-4 and CIDEr against float32); ``fp16`` on a CPU is refused.
+
+On CUDA the encoder runs in channels_last (its convolutions' fast layout on tensor cores) on a
+whole chunk at once, and a chunk's images are preprocessed on the host into pinned memory and
+copied to the GPU with ``non_blocking=True``.
 """
 
 from __future__ import annotations
@@ -50,12 +62,14 @@ import torch
 from cloud.captioning.beam_search import Hypothesis, beam_search
 from cloud.captioning.checkpoint import CheckpointError, build_models, model_name, read_checkpoint
 from cloud.captioning.models import ModelArgs
+from cloud.captioning.train_utils import PRECISIONS, Precision, choose_precision
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL_PATH: Path = Path(__file__).resolve().parents[1] / "models" / "default.pt"
 
-__all__ = ["DEFAULT_MODEL_PATH", "CaptionResult", "Captioner", "CheckpointError", "default_threads", "tune_malloc"]
+__all__ = ["DEFAULT_MODEL_PATH", "PRECISIONS", "CaptionResult", "Captioner", "CheckpointError", "default_threads",
+           "inference_precision", "tune_malloc"]
 
 T = TypeVar("T")
 
@@ -123,6 +137,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def inference_precision(requested: str, device: torch.device) -> Precision:
+    """The captioning precision for ``requested`` (auto, fp32, bf16 or fp16) on ``device``.
+
+    As ``framecap train --precision`` chooses it (``train_utils.choose_precision``): ``auto`` is
+    bf16 autocast on a GPU with native bfloat16, else fp16 autocast on a GPU, fp32 elsewhere.
+    The Precision's ``scaler`` means nothing here (no gradients).
+
+    Raises:
+        ValueError: an unknown name, ``fp16`` on a CPU (CPU autocast in float16 is slow and
+            not what a GPU computes: use bf16 or fp32 there), or ``bf16`` on a GPU without
+            native bfloat16.
+    """
+    if requested == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16: float16 autocast is for CUDA GPUs; "
+                         "on a CPU use --precision bf16, fp32 or auto (fp32)")
+    return choose_precision(requested, device)
+
+
 class Captioner:
     """A loaded captioning model.
 
@@ -131,13 +163,25 @@ class Captioner:
         beam_size, max_caption_length, length_penalty, no_repeat_ngram_size: decoding settings
             (see beam_search); the last two default to the values stored in the checkpoint.
         batch_size: images per encoder/beam-search batch.
+        precision: the autocast dtype of the encoder and decoder (``precision.dtype``; None:
+            float32), from ``precision`` auto, fp32, bf16 or fp16 (see ``inference_precision``).
+        channels_last: the encoder runs in channels_last memory format (CUDA; a CPU with
+            ``threads`` set).
+        pin_memory: chunks of images are built in pinned host memory and copied to the device
+            without blocking (CUDA).
     """
 
     def __init__(self, ckpt: dict[str, Any], *, device: str = "auto", beam_size: int = 3,
                  max_caption_length: int = 30, source: str = "checkpoint",
                  pretrained_encoder: bool = True, length_penalty: float | None = None,
                  batch_size: int = 32, no_repeat_ngram_size: int | None = None,
-                 threads: int | None = None, encode_batch: int = ENCODE_BATCH) -> None:
+                 threads: int | None = None, encode_batch: int = ENCODE_BATCH,
+                 precision: str = "auto") -> None:
+        """Build from a checkpoint dict; ``Captioner.load`` reads one from a file.
+
+        Raises ValueError for a bad setting (sizes, threads, a precision this device cannot
+        run, see ``inference_precision``) and CheckpointError for a checkpoint that does not fit.
+        """
         if beam_size < 1 or max_caption_length < 1:
             raise ValueError("beam_size and max_caption_length must be >= 1")
         if batch_size < 1 or encode_batch < 1:
@@ -145,11 +189,17 @@ class Captioner:
         if threads is not None and threads < 1:
             raise ValueError(f"threads must be >= 1, got {threads}")
         self.device = resolve_device(device)
+        self.precision: Precision = inference_precision(precision, self.device)
         encoder, decoder, word_map = build_models(ckpt, source, pretrained_encoder)
         self.encoder = encoder.to(self.device).eval()
-        # channels_last is bitwise equal to the default format with one thread per op (checked by
-        # tests/captioning/test_throughput.py), not with a team: only when `threads` sets that
-        self.channels_last = self.device.type == "cpu" and threads is not None
+        cuda = self.device.type == "cuda"
+        self.pin_memory = cuda
+        if cuda:  # preprocess() normalises where these live: on the host, into pinned batches
+            self.encoder.mean, self.encoder.std = self.encoder.mean.cpu(), self.encoder.std.cpu()
+        # On a CPU channels_last is bitwise equal to the default format with one thread per op
+        # (checked by tests/captioning/test_throughput.py), not with a team: only when `threads`
+        # sets that. On CUDA it is cuDNN's fast layout for convolutions in half precision.
+        self.channels_last = cuda or (self.device.type == "cpu" and threads is not None)
         if self.channels_last:
             self.encoder = self.encoder.to(memory_format=torch.channels_last)
         self.decoder = decoder.to(self.device).eval()
@@ -173,22 +223,23 @@ class Captioner:
 
     @classmethod
     def load(cls, path: str | Path | None = None, *, device: str = "auto", beam_size: int = 3,
-             max_caption_length: int = 30, threads: int | None = None) -> Captioner:
+             max_caption_length: int = 30, threads: int | None = None, precision: str = "auto") -> Captioner:
         """Load a checkpoint (None: the committed default model).
 
         ``threads``: images captioned in parallel (see the module docstring); None keeps
-        torch's thread setting and captions on the calling thread.
+        torch's thread setting and captions on the calling thread. ``precision``: auto, fp32,
+        bf16 or fp16 (see ``inference_precision``).
 
-        Raises FileNotFoundError for a missing file and CheckpointError (a ValueError) for a
+        Raises FileNotFoundError for a missing file, CheckpointError (a ValueError) for a
         file that is not a captioning checkpoint or whose weights do not fit its model_args or
-        word map.
+        word map, and ValueError for a precision this device cannot run.
         """
         path = Path(path) if path is not None else DEFAULT_MODEL_PATH
         ckpt = read_checkpoint(path)
-        captioner = cls(ckpt, device=device, beam_size=beam_size,
-                        max_caption_length=max_caption_length, source=str(path), threads=threads)
-        logger.info("loaded captioning model %s from %s on %s (threads %s)", captioner.name, path,
-                    captioner.device, threads)
+        captioner = cls(ckpt, device=device, beam_size=beam_size, max_caption_length=max_caption_length,
+                        source=str(path), threads=threads, precision=precision)
+        logger.info("loaded captioning model %s from %s on %s (threads %s, precision %s)", captioner.name, path,
+                    captioner.device, threads, captioner.precision.name)
         return captioner
 
     @classmethod
@@ -207,14 +258,25 @@ class Captioner:
         return self._encode_tensor(x)
 
     def _encode_tensor(self, x: torch.Tensor) -> torch.Tensor:
-        """Preprocessed (batch, 3, S, S) -> (batch, grid, grid, encoder_dim), in micro-batches."""
+        """Preprocessed (batch, 3, S, S) -> float32 (batch, grid, grid, encoder_dim), in
+        micro-batches, under the precision's autocast. ``x`` on the host is copied to the device
+        without blocking when it is in pinned memory."""
         parts = []
         for start in range(0, x.size(0), self.encode_batch):
-            part = x[start:start + self.encode_batch].to(self.device)  # (micro, 3, S, S)
+            part = x[start:start + self.encode_batch].to(self.device, non_blocking=self.pin_memory)  # (micro, 3, S, S)
             if self.channels_last:
                 part = part.contiguous(memory_format=torch.channels_last)
-            parts.append(self.encoder(part).float())  # (micro, grid, grid, encoder_dim)
+            with self.precision.autocast(self.device):
+                parts.append(self.encoder(part).float())  # (micro, grid, grid, encoder_dim)
         return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    def _host_batch(self, inputs: list[torch.Tensor]) -> torch.Tensor:
+        """Concatenate preprocessed (1, 3, S, S) host tensors into one (n, 3, S, S) batch, in
+        pinned memory when ``pin_memory`` (so that its copy to the GPU need not block)."""
+        if not self.pin_memory:
+            return torch.cat(inputs)
+        batch = torch.empty((len(inputs), *inputs[0].shape[1:]), dtype=inputs[0].dtype, pin_memory=True)
+        return torch.cat(inputs, out=batch)  # (n, 3, S, S), pinned
 
     def _caption_chunk(self, chunk: list[T], load: Callable[[T], np.ndarray], return_alphas: bool,
                        keep_images: bool) -> list[CaptionResult[T]]:
@@ -235,11 +297,12 @@ class Captioner:
                     result.image = image
             if not inputs:
                 return results
-            encoder_out = self._encode_tensor(torch.cat(inputs))  # (valid, grid, grid, encoder_dim)
+            encoder_out = self._encode_tensor(self._host_batch(inputs))  # (valid, grid, grid, encoder_dim)
             del inputs
-            hyps = iter(beam_search(self.decoder, encoder_out, self.word_map, self.beam_size,
-                                    self.max_caption_length, self.length_penalty, return_alphas,
-                                    no_repeat_ngram_size=self.no_repeat_ngram_size))
+            with self.precision.autocast(self.device):  # thread-local too: the decoder's steps
+                hyps = iter(beam_search(self.decoder, encoder_out, self.word_map, self.beam_size,
+                                        self.max_caption_length, self.length_penalty, return_alphas,
+                                        no_repeat_ngram_size=self.no_repeat_ngram_size))
             for result in results:
                 if result.error is None:
                     result.hypothesis = next(hyps)
