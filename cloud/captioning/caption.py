@@ -37,8 +37,8 @@ logger = logging.getLogger(__name__)
 
 # as cloud.captioning.train_utils.PRECISIONS (a test checks it), without importing torch for --help
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("autocast precision of the encoder and decoder: auto (on CUDA bf16 where the GPU has it, "
-                  "else fp16; fp32 on a CPU), fp32, bf16 (also on a CPU) or fp16 (CUDA only) "
+PRECISION_HELP = ("autocast precision of the encoder and decoder: auto (fp16 on CUDA, "
+                  "fp32 on a CPU), fp32, bf16 (also on a CPU) or fp16 (CUDA only) "
                   "(default: %(default)s)")
 
 

@@ -90,14 +90,16 @@ def test_fp16_on_a_cpu_is_refused_naming_the_option() -> None:
 
 
 @pytest.mark.parametrize(("requested", "bf16", "expected"), [
-    ("auto", True, torch.bfloat16),  # Ampere and later
+    ("auto", True, torch.float16),  # Ampere and later: fp16 all the same (bf16 costs BLEU)
     ("auto", False, torch.float16),  # older GPUs
+    ("bf16", True, torch.bfloat16),
     ("fp16", True, torch.float16),
     ("fp32", True, None),
 ])
-def test_auto_on_cuda_is_bf16_where_the_gpu_has_it_else_fp16(monkeypatch: pytest.MonkeyPatch, requested: str,
-                                                             bf16: bool, expected: torch.dtype | None) -> None:
-    """The choice of ``framecap train --precision``, reused (train_utils.choose_precision)."""
+def test_auto_on_cuda_is_fp16_whatever_the_gpu(monkeypatch: pytest.MonkeyPatch, requested: str,
+                                               bf16: bool, expected: torch.dtype | None) -> None:
+    """Captioning's ``auto`` is fp16 on a GPU, not training's bf16: bf16 moves val BLEU-4 and
+    CIDEr past the 0.003 tolerance (docs/performance.md); explicit names as asked."""
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16)
     assert inference_precision(requested, torch.device("cuda:0")).dtype == expected
 
