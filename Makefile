@@ -7,7 +7,7 @@ BIN    := $(VENV)/bin
 # torch comes from the PyPI wheel; this pin is the one that works with torchvision here.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption bench-pipeline bench-edge bench-listing clean
+.PHONY: help setup system-deps demo test test-unit test-integration faults lint bench bench-web bench-caption bench-pipeline bench-edge bench-listing bench-scaleout clean
 
 help:
 	@echo "make demo    - start the local stack and caption a real video end to end"
@@ -85,6 +85,12 @@ bench-edge: setup
 # The worker's periodic listing pass against its full pass and the old all-keys scan, at 20k and 200k objects.
 bench-listing: setup
 	$(BIN)/python bench/worker_listing.py $(BENCH_LISTING_ARGS)
+
+# Scale-out (docs/performance.md): 1, 2, 4 ingest processes and 1, 2 worker processes on a private
+# stack, rates and ratios against one replica of the same run. The latency/throughput-vs-load plot:
+# make bench-pipeline BENCH_PIPELINE_ARGS='--modes sweep --plot docs/performance-load.png'
+bench-scaleout: setup
+	$(BIN)/python bench/pipeline_scaleout.py $(BENCH_SCALEOUT_ARGS)
 
 clean:
 	rm -rf .state .pytest_cache .mypy_cache .ruff_cache
