@@ -15,9 +15,11 @@ and again after growing the SAME bucket to ``--large`` objects (more old days):
 For each: seconds, LIST calls (counted on the S3 client), keys listed, and the peak Python memory
 of one more pass under tracemalloc. The periodic pass should stay flat as the bucket grows
 (ratio large/small ~1.0) while full passes and the old scan grow with it (~10). The worker runs
-with ``WorkerConfig`` defaults (``recent_days`` 2, ``listing_settle_s`` 600: the frames put in
-today's prefix a moment ago are all listed again by every periodic pass, as they are in the
-first ten minutes of theirs). Prints JSON lines, then a markdown table. ``make bench-listing``::
+with ``WorkerConfig`` defaults (``recent_days`` 2) but ``listing_settle_s`` = ``--settle``
+(default 0: the cursors stand at the newest captioned frame at both sizes; with the config's
+600 s, every periodic pass also lists the frames stored in the last ten minutes, here all of
+today's at the first size and none at the second). Prints JSON lines, then a markdown table.
+``make bench-listing``::
 
     .venv/bin/python bench/worker_listing.py [--small 20000 --large 200000 --threads 24]
 
@@ -241,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="periodic passes per size, the median is reported (default: 5)")
     p.add_argument("--full-passes", type=int, default=3,
                    help="full passes and old scans per size, median (default: 3)")
+    p.add_argument("--settle", type=float, default=0.0,
+                   help="the worker's listing_settle_s, seconds (default: 0; the config's: 600)")
     p.add_argument("--threads", type=int, default=24,
                    help="concurrent puts while populating (default: 24)")
     args = p.parse_args(argv)
@@ -261,8 +265,8 @@ def main(argv: list[str] | None = None) -> int:
             worker_client = client_for(worker_config, 4)
             counter = ListCounter(worker_client)
             store = ObjectStore(worker_config, client=worker_client)
-            worker = CaptionWorker(WorkerConfig(s3=worker_config), StubCaptioner(), store=store,
-                                   client_id="bench-listing")
+            worker = CaptionWorker(WorkerConfig(s3=worker_config, listing_settle_s=args.settle),
+                                   StubCaptioner(), store=store, client_id="bench-listing")
             rate = put_all(admin, fleet.today_keys, args.threads, "today")
             for size in (args.small, args.large):
                 keys = fleet.grow(size)

@@ -1064,7 +1064,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="framecap worker",
         description="Caption every frame under frames/ in S3: write captions/ and send each "
-        "caption to its device over MQTT. Options override the YAML config.",
+        "caption to its device over MQTT. Options override the YAML config. SIGHUP asks for a "
+        "full listing pass (every key of frames/ and captions/; periodic ones list recent days).",
     )
     add_common_arguments(parser)
     parser.add_argument("--model", metavar="CHECKPOINT",
