@@ -116,7 +116,7 @@ def write_table(path: Path, rows: list[FaultRow], seconds: float) -> None:
         "- **recovery time**: from the end of the fault (server restarted, link restored) until",
         "  every frame sampled before that moment is stored and captioned.",
         "- The only loss allowed is a full spool on a live source: the oldest frames are dropped,",
-        "  counted and logged (the "spool full" row; a video file pauses instead).",
+        "  counted and logged (the spool full row; a video file pauses instead).",
         "- The hostile device row counts the victim device's frames; its notes compare the",
         "  victim's p95 capture -> caption latency (at the edge) before the hostile device came and",
         "  while it was there, in the same run.",
