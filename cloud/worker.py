@@ -90,6 +90,7 @@ from cloud.service import (
     setup_logging,
 )
 from cloud.validation import captured_at_from, decode_image
+from common.cli import device_arg
 from common.config import ConfigError, WorkerConfig, load_config
 from common.messages import CaptionRecord, FrameAck, MessageError
 from common.storage import (
@@ -131,6 +132,7 @@ def load_captioner(config: WorkerConfig) -> CaptionerLike:
     return Captioner.load(
         config.model,
         device=config.device,
+        precision=config.precision,
         beam_size=config.beam_size,
         max_caption_length=config.max_caption_length,
         threads=config.threads,
@@ -1070,9 +1072,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     add_common_arguments(parser)
     parser.add_argument("--model", metavar="CHECKPOINT",
                         help="override model, a checkpoint (default: the packaged model)")
-    parser.add_argument("--device", choices=["auto", "cpu", "cuda"],
-                        help="override device: auto (cuda when a GPU is visible), cpu or cuda "
-                             "(default: auto)")
+    parser.add_argument("--device", type=device_arg,
+                        help="override device: auto (cuda when a GPU is visible), cpu, cuda or "
+                             "cuda:N (default: auto)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
+                        help="override precision, the model's autocast: auto (fp16 on CUDA, fp32 "
+                             "on a CPU), fp32, bf16 or fp16 (CUDA only) (default: auto)")
     parser.add_argument("--beam-size", type=int, metavar="N", help="override beam_size (default: 3)")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="override batch_size, most frames per model batch (default: 8)")
@@ -1111,6 +1116,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     overrides = common_overrides(args) | {
         "model": args.model,
         "device": args.device,
+        "precision": args.precision,
         "beam_size": args.beam_size,
         "batch_size": args.batch_size,
         "list_interval_s": args.list_interval,
@@ -1131,6 +1137,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("framecap worker: config OK")
         return 0
     problem = check_device(config.device)
+    if problem is None:
+        from cloud.captioning.caption import check_precision
+
+        problem = check_precision(config.precision, config.device)
     if problem is not None:
         print(f"framecap worker: {problem}", file=sys.stderr)
         return 2

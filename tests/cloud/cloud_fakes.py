@@ -13,7 +13,13 @@ import cv2
 import numpy as np
 
 from common.messages import FrameMetadata
-from common.storage import BucketNotFoundError, ObjectNotFoundError, StorageError, StoredObject
+from common.storage import (
+    BucketNotFoundError,
+    ListedObject,
+    ObjectNotFoundError,
+    StorageError,
+    StoredObject,
+)
 
 IMAGES = Path(__file__).resolve().parents[3] / "shared" / "data" / "flickr8k" / "images"
 CAPTURED_AT = datetime(2026, 1, 31, 12, 0, 0, tzinfo=timezone.utc)
@@ -135,6 +141,26 @@ class FakeStore:
     def list_keys(self, prefix: str) -> Iterator[str]:
         self._maybe_fail("list", prefix)
         return iter(sorted(k for k in self.objects if k.startswith(prefix)))
+
+    def list_pages(
+        self, prefix: str = "", *, start_after: str | None = None, page_size: int = 1000
+    ) -> Iterator[list[ListedObject]]:
+        """As ObjectStore.list_pages; every object was stored at CAPTURED_AT."""
+        self._maybe_fail("list", prefix)
+        with self._lock:
+            keys = sorted(k for k in self.objects
+                          if k.startswith(prefix) and (start_after is None or k > start_after))
+            sizes = [len(self.objects[k][0]) for k in keys]
+        for i in range(0, max(len(keys), 1), page_size):
+            yield [ListedObject(k, CAPTURED_AT, n)
+                   for k, n in zip(keys[i:i + page_size], sizes[i:i + page_size], strict=True)]
+
+    def list_prefixes(self, prefix: str = "", delimiter: str = "/") -> Iterator[str]:
+        self._maybe_fail("list", prefix)
+        with self._lock:
+            rests = [k[len(prefix):] for k in self.objects if k.startswith(prefix)]
+        return iter(sorted({prefix + r.split(delimiter, 1)[0] + delimiter
+                            for r in rests if delimiter in r}))
 
 
 @dataclass

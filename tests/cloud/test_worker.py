@@ -299,19 +299,23 @@ def test_decode_image_gives_rgb_and_refuses_garbage() -> None:
 
 
 def test_worker_runs_on_listings_alone() -> None:
+    from datetime import datetime, timezone
+
+    today = f"{datetime.now(timezone.utc):%Y/%m/%d}"
     worker, store, _ = make_worker(list_interval_s=0.2, max_wait_s=0.05)
     worker._client = None
     put_frame(store)
     worker.start(mqtt_enabled=False)
     try:
-        put_frame(store, "frames/cam2/2026/01/31/late.jpg")  # appears after the first listing
+        # appears after the first listing (a full one); a periodic one lists only recent days
+        put_frame(store, f"frames/cam2/{today}/late.jpg")
         deadline = time.monotonic() + 5
         while worker.counters.get("captioned", 0) < 2 and time.monotonic() < deadline:
             time.sleep(0.05)
     finally:
         worker.stop()
     assert worker.counters["captioned"] == 2
-    assert "captions/cam2/2026/01/31/late.json" in store.objects
+    assert f"captions/cam2/{today}/late.json" in store.objects
 
 
 class _Message:
@@ -339,6 +343,7 @@ def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
     account: the ACL refuses with PUBACK 135) keeps the marker, so the caption is published
     again later instead of being lost; the refusal is logged at ERROR once for the topic."""
     import logging
+    from datetime import datetime, timezone
 
     caplog.set_level(logging.INFO)
     config = WorkerConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(),
@@ -346,13 +351,15 @@ def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
     store = stack_ns.storage()
     client_id = stack_ns.client_id("worker")
     worker = CaptionWorker(config, FakeCaptioner(), store=store, client_id=client_id)
-    marker = f"outbox/{client_id}/{CAPTION}"
+    today = f"{datetime.now(timezone.utc):%Y/%m/%d}"  # a periodic listing lists recent days only
+    frame, caption = f"frames/cam1/{today}/f000001.jpg", f"captions/cam1/{today}/f000001.json"
+    marker = f"outbox/{client_id}/{caption}"
     worker.start()
     try:
         assert worker.wait_connected(10)
-        store.put(FRAME, jpeg_bytes(), content_type="image/jpeg")
+        store.put(frame, jpeg_bytes(), content_type="image/jpeg")
         assert wait_until(lambda: worker.counters.get("publish_refused", 0) >= 1, 15)
-        assert store.exists(CAPTION)
+        assert store.exists(caption)
         # a later listing publishes it again (refused again: the marker still stays)
         assert wait_until(lambda: worker.counters.get("republished", 0) >= 1
                           and worker.counters.get("publish_refused", 0) >= 2, 15)
