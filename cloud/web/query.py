@@ -8,7 +8,10 @@ Syntax (what a user types):
 - ``NOT rain``, ``-rain``, ``NOT "parked car"``, ``-(a OR b)``: without.
 - ``(truck OR bus) night``: parentheses group.
 
-A query made only of negations (``-rain``) matches every caption except those. Words are
+A query made only of negations (``-rain``) matches every caption except those. Stop words
+(:data:`STOP_WORDS`: ``a``, ``the``, ``is``, ...) beside other words are not searched for
+(``a dog`` is ``dog``): nearly every caption has them, so they select nothing and cost the most;
+inside a phrase (``"a man"``), alone, or under NOT/OR they are kept. Words are
 lower-cased and split exactly as captions are (:func:`tokenize`: runs of letters and digits,
 apostrophes inside a word kept; no stemming), so the SQLite FTS5 compiler (:func:`to_fts5`),
 the PostgreSQL compiler (:func:`to_tsquery`) and the Python evaluator (:func:`match_caption`)
@@ -33,6 +36,9 @@ MAX_QUERY_CHARS = 500
 """Longest query text accepted."""
 MAX_QUERY_TERMS = 32
 """Most words (counting each word of a phrase) a query may hold."""
+
+STOP_WORDS = frozenset({"a", "an", "the", "is", "are", "of", "and", "to", "in", "on", "at", "with"})
+"""Words dropped from an AND that has another positive word (not from phrases, NOT or OR)."""
 
 _TOKEN_RE = re.compile(r"[^\W_]+(?:['\u2019][^\W_]+)*")
 """A word: letters and digits (Unicode), with apostrophes inside it (``don't``)."""
@@ -142,6 +148,7 @@ class _Parser:
                 nodes.append(node)
         if not nodes:
             return None
+        nodes = _without_stop_words(nodes)
         return nodes[0] if len(nodes) == 1 else And(tuple(nodes))
 
     def parse_unary(self) -> Query | None:
@@ -171,6 +178,15 @@ class _Parser:
                 raise QueryError('a quote is not closed: add \'"\' after the phrase')
             return _words_node(tokenize(item[1:-1]), quoted=True)
         return _words_node(tokenize(item), quoted=False)
+
+
+def _without_stop_words(nodes: list[Query]) -> list[Query]:
+    """The nodes of an AND less its stop-word terms, when a positive part is left without them."""
+    def stop(node: Query) -> bool:
+        return isinstance(node, Term) and node.word in STOP_WORDS
+
+    kept = [node for node in nodes if not stop(node)]
+    return kept if any(not is_negative(node) for node in kept) else nodes
 
 
 def _words_node(words: list[str], *, quoted: bool) -> Query | None:
