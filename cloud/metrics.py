@@ -38,6 +38,18 @@ WORKER_BATCH_SECONDS = Histogram(
     "Seconds to caption one batch (model only).",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60),
 )
+WORKER_LISTING_SECONDS = Histogram(
+    "framecap_worker_listing_seconds",
+    "Seconds of one listing pass of frames/ against captions/, by kind (full, recent, "
+    "recent-uncursored); a periodic (recent) pass costs what is new, a full pass what exists.",
+    ["kind"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+WORKER_LISTING_REQUESTS = Counter(
+    "framecap_worker_listing_requests_total",
+    "ListObjectsV2 requests of the worker's listing passes, by kind.",
+    ["kind"],
+)
 WORKER_S3_ERRORS = Counter(
     "framecap_worker_s3_errors_total",
     "Failed S3 calls of the caption worker (each retried).",

@@ -524,6 +524,8 @@ class CaptionWorker(CloudService):
             self.last_pass = stats
         self._count("full_passes" if full else "recent_passes")
         self._count("listed", stats.queued)
+        metrics.WORKER_LISTING_SECONDS.labels(stats.kind).observe(stats.seconds)
+        metrics.WORKER_LISTING_REQUESTS.labels(stats.kind).inc(stats.list_calls)
         args = (stats.kind, stats.list_calls, stats.keys_seen, stats.queued, stats.seconds)
         logger.debug("worker: %s listing pass: %d LIST calls, %d keys seen, %d queued, %.3f s",
                      *args)

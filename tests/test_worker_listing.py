@@ -197,6 +197,25 @@ def test_a_periodic_pass_costs_devices_times_days_not_the_bucket() -> None:
     assert worker.last_pass is not None and worker.last_pass.list_calls == 8
 
 
+def test_listing_passes_are_exported_to_prometheus_by_kind() -> None:
+    from prometheus_client import REGISTRY
+
+    def sample(name: str, kind: str) -> float:
+        return REGISTRY.get_sample_value(name, {"kind": kind}) or 0.0
+
+    store = ListingStore()
+    store.add(frame("cam1", _day(0), "f1"), caption("cam1", _day(0), "f1"))
+    worker = make_worker(store)
+    full, recent = (sample("framecap_worker_listing_seconds_count", k) for k in ("full", "recent"))
+    requests = sample("framecap_worker_listing_requests_total", "recent")
+    worker.scan()  # the first pass is full
+    worker.scan()
+    assert sample("framecap_worker_listing_seconds_count", "full") == full + 1
+    assert sample("framecap_worker_listing_seconds_count", "recent") == recent + 1
+    assert worker.last_pass is not None and worker.last_pass.kind == "recent"
+    assert sample("framecap_worker_listing_requests_total", "recent") == requests + worker.last_pass.list_calls
+
+
 def test_the_cursor_never_passes_a_frame_without_a_caption() -> None:
     store = ListingStore()
     today = _day(0)
