@@ -25,7 +25,9 @@ the client was made with ``manual_ack=True``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import select
 import socket
 import ssl
 import threading
@@ -139,11 +141,24 @@ def publish_refused_hint(reason_code: int, username: str | None, topic_prefix: s
     return "see the broker's log"
 
 
+READ_AHEAD_BYTES = 64 * 1024  # run_network's socket reads, bytes
+
+
 class _PahoClient(mqtt.Client):
     """paho's client, remembering the ``OSError`` of the last failed connection attempt
-    (paho's ``on_connect_fail`` callback is told nothing about the cause)."""
+    (paho's ``on_connect_fail`` callback is told nothing about the cause).
+
+    With :attr:`read_ahead` (set by :meth:`MqttClient.run_network`'s mode only), socket reads
+    are buffered: paho reads a packet's type byte, each length byte and the rest with a
+    ``recv`` each (4 system calls for a PUBACK); here one ``recv`` of up to
+    :data:`READ_AHEAD_BYTES` serves them all, and the loop reads on while bytes are buffered.
+    """
 
     last_connect_error: OSError | None = None
+    read_ahead = False
+    _rbuf = b""
+    _rpos = 0
+    _rbuf_sock: object = None
 
     def reconnect(self) -> mqtt.MQTTErrorCode:
         try:
@@ -153,6 +168,28 @@ class _PahoClient(mqtt.Client):
             raise
         self.last_connect_error = None
         return rc
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        if not self.read_ahead:
+            return super()._sock_recv(bufsize)
+        if self._rbuf_sock is not self._sock:  # a new connection: nothing buffered is its
+            self._rbuf, self._rpos, self._rbuf_sock = b"", 0, self._sock
+        buf, pos = self._rbuf, self._rpos
+        if pos >= len(buf):
+            data = super()._sock_recv(max(bufsize, READ_AHEAD_BYTES))  # raises when none
+            if len(data) <= bufsize:  # all of it (b"": the peer closed)
+                self._rbuf, self._rpos = b"", 0
+                return data
+            buf, pos = data, 0
+        end = pos + bufsize
+        self._rbuf, self._rpos = buf, end
+        return buf[pos:end]
+
+    def buffered_bytes(self) -> int:
+        """Bytes read from the current socket and not yet handed to paho."""
+        if not self.read_ahead or self._rbuf_sock is not self._sock:
+            return 0
+        return max(0, len(self._rbuf) - self._rpos)
 
 
 class _PahoLogFilter(logging.Filter):
@@ -259,6 +296,13 @@ class MqttClient:
         # Never held while calling into paho: paho calls on_publish holding its own
         # out-message mutex, which publish() takes too (a lock held across both would deadlock).
         self._mids_lock = threading.Lock()
+        # start(network_thread=False): the caller's thread runs run_network(); wakeup() pokes it
+        self._own_loop = False
+        self._wake_r: socket.socket | None = None
+        self._wake_w: socket.socket | None = None
+        self._stopping = False
+        self._next_attempt = 0.0  # time.monotonic() of the next connection attempt
+        self._attempt_delay = config.reconnect_min_s  # seconds; doubles up to reconnect_max_s
 
         client = _PahoClient(
             callback_api_version=mqtt.CallbackAPIVersion.VERSION2,
@@ -299,8 +343,17 @@ class MqttClient:
         self._client = client
 
     # -- lifecycle -----------------------------------------------------------------------
-    def start(self) -> None:
-        """Connect in the background and keep reconnecting; returns at once."""
+    def start(self, *, network_thread: bool = True) -> None:
+        """Connect in the background and keep reconnecting; returns at once.
+
+        Args:
+            network_thread: run paho's network loop on a thread of its own (``loop_start``),
+                where every hook runs. False: no thread is started; one thread of the caller's
+                runs :meth:`run_network` again and again, and the hooks run there. A publish or
+                an ack from that thread then goes to the socket at once, and what the broker
+                sends is handled without waking another thread (the edge's publisher: one
+                thread for its frames and the network, fewer context switches per frame).
+        """
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = self.config.session_expiry_s
         logger.info(
@@ -317,7 +370,90 @@ class MqttClient:
             clean_start=self._clean_start,
             properties=props,
         )
-        self._client.loop_start()
+        self._stopping = False
+        if network_thread:
+            self._client.loop_start()
+            return
+        self._own_loop = True
+        self._client.read_ahead = True
+        if self._wake_r is None:
+            self._wake_r, self._wake_w = socket.socketpair()
+            self._wake_r.setblocking(False)
+            self._wake_w.setblocking(False)
+        self._next_attempt = 0.0
+        self._attempt_delay = self.config.reconnect_min_s
+
+    def wakeup(self) -> None:
+        """End the current (or the next) :meth:`run_network` wait at once; any thread, never
+        blocks (``start(network_thread=False)`` only)."""
+        if self._wake_w is None:
+            return
+        with contextlib.suppress(OSError):  # full (a wake-up is already pending), or closed
+            self._wake_w.send(b"\0")
+
+    def run_network(self, timeout: float) -> None:
+        """One pass of the network loop in the calling thread (``start(network_thread=False)``):
+        connect when due (first at once, then after ``reconnect_min_s`` doubling up to
+        ``reconnect_max_s`` while attempts fail), wait up to ``timeout`` seconds for the socket
+        or :meth:`wakeup`, read what came (hooks and handlers run here), write what is queued
+        and keep the connection alive (PINGREQ; a broker silent for 1.5 keepalives is lost).
+
+        Uses paho's external-loop API (``socket``, ``loop_read``, ``loop_write``,
+        ``want_write``, ``loop_misc``). Never raises for a network failure: a failed attempt
+        is logged like the threaded loop's (:meth:`on_connected` hooks run once connected).
+        """
+        client = self._client
+        sock = client.socket()
+        if sock is None:
+            now = time.monotonic()
+            if self._stopping or now < self._next_attempt:
+                self._wait_wakeup(timeout if self._stopping else min(timeout, self._next_attempt - now))
+                return
+            self._next_attempt = now + self._attempt_delay
+            self._attempt_delay = min(2 * self._attempt_delay, self.config.reconnect_max_s)
+            try:
+                client.reconnect()  # blocking TCP (and TLS) connect, then CONNECT is sent
+            except OSError:
+                self._on_connect_fail(client, None)
+                return
+            sock = client.socket()
+            if sock is None:
+                return
+        pending = getattr(sock, "pending", None)  # ssl.SSLSocket: bytes decrypted, not read
+        if client.buffered_bytes() or (pending is not None and pending()):
+            timeout = 0.0
+        assert self._wake_r is not None
+        try:
+            readable, writable, _ = select.select(
+                [sock, self._wake_r], [sock] if client.want_write() else [], [], timeout)
+        except (OSError, ValueError, TypeError):  # the socket was closed meanwhile
+            return
+        if self._wake_r in readable:
+            self._drain_wakeups()
+        if sock in readable or client.buffered_bytes():
+            client.loop_read()
+            while client.buffered_bytes() and client.socket() is sock:  # whole packets read ahead
+                client.loop_read()
+        if client.want_write() and (sock in writable or sock in readable):
+            client.loop_write()
+        client.loop_misc()
+
+    def _wait_wakeup(self, timeout: float) -> None:
+        assert self._wake_r is not None
+        try:
+            readable, _, _ = select.select([self._wake_r], [], [], max(0.0, timeout))
+        except (OSError, ValueError):
+            return
+        if readable:
+            self._drain_wakeups()
+
+    def _drain_wakeups(self) -> None:
+        assert self._wake_r is not None
+        try:
+            while self._wake_r.recv(4096):
+                pass
+        except OSError:  # BlockingIOError: nothing more
+            pass
 
     def wait_connected(self, timeout: float | None = None) -> bool:
         """Block until connected (True) or ``timeout`` seconds pass (False)."""
@@ -328,12 +464,23 @@ class MqttClient:
         return self._connected.is_set()
 
     def stop(self) -> None:
-        """Disconnect cleanly (no last will) and stop the network thread."""
+        """Disconnect cleanly (no last will) and stop the network thread. With
+        ``start(network_thread=False)``, call it once :meth:`run_network` is no longer running
+        (or from its thread)."""
+        self._stopping = True
         try:
             self._client.disconnect()
         except Exception:  # noqa: BLE001 - best effort at shutdown
             logger.debug("mqtt %s: disconnect failed", self.client_id, exc_info=True)
-        self._client.loop_stop()
+        if self._own_loop:
+            if self._client.socket() is not None:  # DISCONNECT not written yet (socket busy)
+                self._client.loop_write()
+            for sock in (self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+            self._wake_r = self._wake_w = None
+        else:
+            self._client.loop_stop()
         self._connected.clear()
 
     # -- hooks ---------------------------------------------------------------------------
@@ -462,6 +609,7 @@ class MqttClient:
                     session_present,
                 )
             self.connect_failures = 0
+            self._attempt_delay = self.config.reconnect_min_s
             self.last_connect_error = None
             self._failing_since = None
             self._problem_logged = None
@@ -486,6 +634,8 @@ class MqttClient:
         try:
             was = self._connected.is_set()
             self._connected.clear()
+            if was:  # run_network: like paho's loop, wait reconnect_min_s before the next attempt
+                self._next_attempt = max(self._next_attempt, time.monotonic() + self._attempt_delay)
             if not was and reason_code.is_failure and not self._connack_refused:
                 self._connect_problem(
                     f"the connection closed before the broker accepted it ({reason_code}; "

@@ -430,6 +430,9 @@ def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``framecap edge``; returns the exit status (2: bad config)."""
     args = build_parser().parse_args(argv)
+    # the log format names no process or thread: do not look them up for every record (a
+    # getpid system call each; the capture thread logs every frame it spools)
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

@@ -1,10 +1,14 @@
 """Publishes spooled frames over MQTT and handles what comes back (acks, captions).
 
 :class:`FramePublisher` owns one :class:`common.mqtt.MqttClient` (client_id from the device_id,
-``clean_start=False``, last will ``offline`` retained on the status topic) and one worker
-thread. Paho's network thread only puts events on a queue; the worker thread reads frames from
-the spool, publishes them, removes acked frames and writes captions, so neither the capture
-loop nor paho's loop ever waits on the disk or the network of the other.
+``clean_start=False``, last will ``offline`` retained on the status topic) and one thread,
+which is also the client's network loop (``start(network_thread=False)``): it reads frames
+from the spool, publishes them, reads what the broker sends, removes acked frames and writes
+captions, so the capture loop never waits on the network. The capture thread only wakes it
+(:meth:`FramePublisher.notify`). One thread instead of a worker beside paho's network thread
+(issue 9): a frame's publish, its PUBACK, its ack and the ack's PUBACK no longer cost a
+hand-off between two threads each; the paho hooks only note what came, and the thread
+handles it after each network pass.
 
 Delivery (at least once; the ingest's idempotent S3 key makes it exactly once in S3):
 
@@ -47,10 +51,9 @@ import contextlib
 import json
 import logging
 import os
-import queue
 import threading
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -67,7 +70,8 @@ from edge.spool import FrameSpool
 
 logger = logging.getLogger(__name__)
 
-POLL_S = 0.2  # worker thread wake-up period, seconds
+POLL_S = 0.2  # the publisher thread's longest network wait, seconds
+STOP_STATUS_WAIT_S = 2.0  # at stop, wait this long for the broker to accept ``offline``, seconds
 RESEND_CHECK_S = 0.05  # look for overdue frames at most this often (not at every event), seconds
 RECONNECT_GRACE_S = 2.0  # after a reconnect, the first resend of a frame not acked, seconds
 OVERTAKEN_GRACE_S = 2.0  # resend a frame this long after a later frame was acked, seconds
@@ -179,7 +183,7 @@ class FramePublisher:
             sent later was acked.
         captions_jsonl: append each caption received to this file (one JSON object a line).
         captions_jsonl_max_bytes: rotate ``captions_jsonl`` to ``.1`` past this size (0: never).
-        on_caption: called with each decoded :class:`CaptionRecord` (on the worker thread).
+        on_caption: called with each decoded :class:`CaptionRecord` (on the publisher thread).
         print_captions: print ``HH:MM:SS frame_id caption`` to stdout for each caption.
         track_captions: remember which frames acked by this process still lack their caption
             (:meth:`captions_pending`), so a batch run can wait for them; off for endless runs.
@@ -221,7 +225,9 @@ class FramePublisher:
         self.stats = PublisherStats()
         self._frames_topic = self.topics.frames(device_id)
         self._status_topic = self.topics.status(device_id)
-        self._events: queue.Queue[tuple[str, Any]] = queue.Queue()
+        # what the paho hooks saw, handled by the publisher thread after each network pass
+        self._events: deque[tuple[str, Any]] = deque()
+        self._wake_pending = False  # notify() has woken the thread; cleared before the spool is read
         self._in_flight: dict[str, _InFlight] = {}
         self._mids: dict[int, str] = {}
         self.last_refusal: str | None = None  # the broker's reason for the last refused publish
@@ -240,43 +246,46 @@ class FramePublisher:
             manual_ack=True,  # a caption is acked once written (see the module doc)
             clean_start=False,
         )
+        events = self._events
         self.client.on_connected(self._on_connected)
-        self.client.on_disconnected(lambda: self._events.put(("disconnected", None)))
-        self.client.on_published(lambda mid: self._events.put(("puback", mid)))
-        self.client.on_publish_refused(lambda mid, reason: self._events.put(("refused", (mid, reason))))
+        self.client.on_disconnected(lambda: events.append(("disconnected", None)))
+        self.client.on_published(lambda mid: events.append(("puback", mid)))
+        self.client.on_publish_refused(lambda mid, reason: events.append(("refused", (mid, reason))))
         self.client.subscribe(self.topics.acks(device_id),
-                              lambda m: self._events.put(("ack", (m.payload, m.mid, m.qos))))
+                              lambda m: events.append(("ack", (m.payload, m.mid, m.qos))))
         self.client.subscribe(self.topics.captions(device_id),
-                              lambda m: self._events.put(
+                              lambda m: events.append(
                                   ("caption", (m.payload, m.mid, m.qos, datetime.now(timezone.utc)))))
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
-        """Connect in the background and start the worker thread; returns at once."""
+        """Connect in the background and start the publisher thread; returns at once."""
+        self.client.start(network_thread=False)  # the publisher thread runs the network loop
         self._thread = threading.Thread(target=self._run, name=f"publisher-{self.device_id}", daemon=True)
         self._thread.start()
-        self.client.start()
 
     def notify(self) -> None:
-        """Tell the worker a frame was spooled (never blocks)."""
-        self._events.put(("wake", None))
+        """Tell the publisher thread a frame was spooled (any thread; never blocks).
+
+        Costs nothing while a wake-up is pending, or while a publish awaits its PUBACK (the
+        PUBACK, a fraction of a millisecond away, wakes the thread, which then publishes what
+        was spooled meanwhile; without one the thread still looks every ``POLL_S``): at a high
+        frame rate most frames then cost the capture thread no system call."""
+        if not self._wake_pending and not self._mids:
+            self._wake_pending = True
+            self.client.wakeup()
 
     def stop(self, timeout_s: float = 5.0) -> None:
-        """Stop the worker, publish ``offline`` (retained) and disconnect cleanly."""
+        """Stop the publisher thread (which publishes ``offline``, retained, first) and
+        disconnect cleanly."""
         self._stop.set()
-        self.notify()
+        self.client.wakeup()
         if self._thread is not None:
-            self._thread.join(timeout_s)
+            self._thread.join(timeout_s + STOP_STATUS_WAIT_S)
         if self._unwritten:
             logger.warning("%s: %d captions could not be written to %s; not acknowledged, so the "
                            "broker delivers them again on the next start", self.device_id,
                            len(self._unwritten), self.captions_jsonl)
-        if self.client.is_connected:
-            try:
-                info = self.client.publish(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
-                info.wait_for_publish(timeout=min(2.0, timeout_s))
-            except (RuntimeError, ValueError) as err:
-                logger.warning("%s: could not publish status offline: %s", self.device_id, err)
         self.client.stop()
         logger.info("%s: publisher stopped (%d frames left in the spool)", self.device_id, len(self.spool))
 
@@ -286,19 +295,21 @@ class FramePublisher:
 
     @property
     def in_flight(self) -> int:
-        """Frames published and not yet acked (approximate outside the worker thread)."""
+        """Frames published and not yet acked (approximate outside the publisher thread)."""
         return len(self._in_flight)
 
-    # -- paho thread ---------------------------------------------------------------------
+    # -- paho hooks (on the publisher thread, inside a network pass) ----------------------
     def _on_connected(self, session_present: bool) -> None:
         self.client.publish(self._status_topic, STATUS_ONLINE, qos=1, retain=True)
-        self._events.put(("connected", session_present))
+        self._events.append(("connected", session_present))
 
-    # -- worker thread -------------------------------------------------------------------
+    # -- publisher thread ----------------------------------------------------------------
     def _run(self) -> None:
         checked = 0.0  # when overdue frames were last looked for
         while not self._stop.is_set():
             try:
+                self.client.run_network(POLL_S)
+                self._wake_pending = False  # before the spool is read: a later put wakes us again
                 self._handle_events()
                 now = time.monotonic()
                 if self._unwritten and now >= self._caption_retry_at:
@@ -308,21 +319,34 @@ class FramePublisher:
                         checked = now
                         self._resend_overdue()
                     self._fill_window()
-            except Exception:  # noqa: BLE001 - the worker must outlive any one bad step
+            except Exception:  # noqa: BLE001 - the thread must outlive any one bad step
                 logger.exception("%s: publisher step failed; continuing", self.device_id)
                 time.sleep(POLL_S)
+        self._say_offline()
+
+    def _say_offline(self) -> None:
+        """At stop, on the publisher thread: publish ``offline`` (retained) and run the network
+        until the broker accepts it or :data:`STOP_STATUS_WAIT_S` passes."""
+        if not self.client.is_connected:
+            return
+        try:
+            info = self.client.publish(self._status_topic, STATUS_OFFLINE, qos=1, retain=True)
+        except (RuntimeError, ValueError) as err:
+            logger.warning("%s: could not publish status offline: %s", self.device_id, err)
+            return
+        deadline = time.monotonic() + STOP_STATUS_WAIT_S
+        while not info.is_published() and self.client.is_connected and time.monotonic() < deadline:
+            self.client.run_network(min(0.05, max(0.0, deadline - time.monotonic())))
+        if not info.is_published():
+            logger.warning("%s: status offline not confirmed by the broker within %g s",
+                           self.device_id, STOP_STATUS_WAIT_S)
 
     def _handle_events(self) -> None:
-        try:
-            kind, value = self._events.get(timeout=POLL_S)
-        except queue.Empty:
-            return
-        while True:
+        """Handle what the paho hooks noted during the last network pass, oldest first."""
+        events = self._events
+        while events:
+            kind, value = events.popleft()
             self._dispatch(kind, value)
-            try:
-                kind, value = self._events.get_nowait()
-            except queue.Empty:
-                return
 
     def _dispatch(self, kind: str, value: Any) -> None:
         if kind == "ack":

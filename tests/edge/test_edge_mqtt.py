@@ -160,8 +160,11 @@ def test_restarted_edge_delivers_unacked_frames_and_never_a_corrupt_one(
     spool = FrameSpool(tmp_path / "spool", "cam-1")
     spooled = [e.frame_id for e in spool]
     assert len(spooled) == 10
-    corrupt = next(iter(spool)).path  # the oldest entry rots on disk while the edge is down
-    corrupt.write_bytes(corrupt.read_bytes()[:-100])
+    oldest = next(iter(spool))  # the oldest entry rots on disk while the edge is down
+    assert oldest.offset is not None  # in a segment file, with the others
+    data = bytearray(oldest.path.read_bytes())
+    data[oldest.offset + oldest.size - 100] ^= 0xFF
+    oldest.path.write_bytes(bytes(data))
     del spool
 
     ingest.acking = True

@@ -1,9 +1,10 @@
-"""FrameSpool: atomic entries, corruption detection, oldest-first drops, restart reload."""
+"""FrameSpool: segment entries, corruption detection, oldest-first drops, restart reload."""
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from common.messages import FrameMetadata
 from edge.daemon import make_frame_id
-from edge.spool import FrameSpool, SpoolError, decode_entry, encode_entry
+from edge.spool import FrameSpool, SpoolError, decode_entry, encode_entry, read_entries
 
 DEVICE = "cam-1"
 
@@ -101,23 +102,98 @@ def test_a_frame_written_here_is_published_from_memory(tmp_path: Path) -> None:
 
 
 def test_corrupt_and_half_written_entries_are_quarantined(tmp_path: Path, caplog) -> None:
+    """A segment entry whose bytes no longer match its sha256 is quarantined (never sent), one
+    cut off at the end of the segment (a crash mid-write) is cut away; the rest loads."""
     spool = FrameSpool(tmp_path, DEVICE)
     good, flipped, cut = (_put(spool) for _ in range(3))
-    entries = {e.frame_id: e.path for e in spool}
-    data = bytearray(entries[flipped.frame_id].read_bytes())
-    data[-10] ^= 0xFF  # JPEG bytes no longer match sha256
-    entries[flipped.frame_id].write_bytes(bytes(data))
-    entries[cut.frame_id].write_bytes(entries[cut.frame_id].read_bytes()[:40])  # truncated
-    (spool.entries_dir / ".000000000009_x.frame.tmp").write_bytes(b"half")  # SIGKILL mid-write
+    entries = {e.frame_id: e for e in spool}
+    segment = entries[good.frame_id].path
+    assert all(e.path == segment for e in entries.values())  # one segment holds them
+    data = bytearray(segment.read_bytes())
+    f = entries[flipped.frame_id]
+    data[f.offset + f.size - 10] ^= 0xFF  # JPEG bytes no longer match sha256
+    c = entries[cut.frame_id]
+    segment.write_bytes(bytes(data[: c.offset + 40]))  # the last entry cut short
     caplog.set_level(logging.WARNING)
     again = FrameSpool(tmp_path, DEVICE)
     assert [e.frame_id for e in again] == [good.frame_id]
-    assert again.corrupt == 2
-    assert sorted(p.name for p in again.quarantine_dir.iterdir()) == sorted(
-        entries[m.frame_id].name for m in (flipped, cut)
-    )
-    assert not list(again.entries_dir.glob(".*.tmp"))
+    assert again.corrupt == 1
+    assert [p.name for p in again.quarantine_dir.iterdir()] == [f"{segment.stem}-{f.offset}.frame"]
+    assert segment.stat().st_size == c.offset  # the half-written tail is gone
     assert flipped.frame_id in caplog.text and "sha256" in caplog.text
+    assert "half-written spool entry" in caplog.text
+    assert again.read(good.frame_id) is not None
+    third = FrameSpool(tmp_path, DEVICE)  # the quarantined entry is not quarantined twice
+    assert [e.frame_id for e in third] == [good.frame_id] and third.corrupt == 0
+
+
+def test_entries_written_by_an_earlier_version_are_still_loaded(tmp_path: Path, caplog) -> None:
+    """A spool of one file per frame (``entries/``, before segments) is sent as before: intact
+    files load, a garbled one is quarantined, a leftover ``.tmp`` is deleted."""
+    spool = FrameSpool(tmp_path, DEVICE)
+    (good, jpeg), (flipped, jpeg2) = _frame(spool), _frame(spool)
+    entries = tmp_path / "entries"
+    (entries / f"{good.seq:012d}_{good.frame_id}.frame").write_bytes(encode_entry(good, jpeg))
+    bad = bytearray(encode_entry(flipped, jpeg2))
+    bad[-10] ^= 0xFF
+    (entries / f"{flipped.seq:012d}_{flipped.frame_id}.frame").write_bytes(bytes(bad))
+    (entries / ".000000000009_x.frame.tmp").write_bytes(b"half")  # SIGKILL mid-write
+    new = _put(spool)
+    spool.close()
+    caplog.set_level(logging.WARNING)
+    again = FrameSpool(tmp_path, DEVICE)
+    assert [e.frame_id for e in again] == [good.frame_id, new.frame_id]
+    assert again.corrupt == 1 and not list(entries.glob(".*.tmp"))
+    assert again.read(good.frame_id) == (good, jpeg)
+    assert again.remove(good.frame_id) and not list(entries.glob("*.frame"))
+    assert "deleting half-written spool file" in caplog.text
+
+
+def test_segments_rotate_and_are_deleted_once_every_entry_is_gone(tmp_path: Path,
+                                                                 monkeypatch) -> None:
+    """Issue 9: frames are appended to segment files; acks are recorded beside them (a restart
+    does not send them again); a segment whose entries are all acked or dropped is deleted."""
+    import edge.spool as spool_module
+
+    monkeypatch.setattr(spool_module, "SEGMENT_MAX_FRAMES", 4)
+    spool = FrameSpool(tmp_path, DEVICE)
+    metas = [_put(spool) for _ in range(10)]
+    segments = sorted(spool.segments_dir.glob("*.seg"))
+    assert [p.name for p in segments] == ["000000000000.seg", "000000000004.seg",
+                                          "000000000008.seg"]
+    for m in metas[:3]:
+        assert spool.remove(m.frame_id)
+    assert segments[0].exists()  # metas[3] still needs it
+    crashed = FrameSpool(tmp_path, DEVICE)  # loaded without close(): a crash
+    assert [e.frame_id for e in crashed] == [m.frame_id for m in metas[3:]]
+    assert spool.remove(metas[3].frame_id)
+    assert not segments[0].exists() and not segments[0].with_suffix(".seg.done").exists()
+    for m in metas[4:]:
+        assert spool.remove(m.frame_id)
+    assert not segments[1].exists()
+    assert segments[2].exists()  # still the one being appended to
+    spool.close()
+    assert len(FrameSpool(tmp_path, DEVICE)) == 0
+    assert not list(spool.segments_dir.iterdir())  # the empty segment went at load
+    assert list(read_entries(tmp_path)) == []
+
+
+def test_a_failed_write_leaves_no_entry_behind(tmp_path: Path, monkeypatch) -> None:
+    """A write that fails (disk full) raises SpoolError and takes its bytes back: the segment
+    loads as if the put never happened, and the next put goes on."""
+    import edge.spool as spool_module
+
+    spool = FrameSpool(tmp_path, DEVICE)
+    first = _put(spool)
+    real = os.pwrite
+    monkeypatch.setattr(spool_module.os, "pwrite",
+                        lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
+    with pytest.raises(SpoolError, match="No space left"):
+        _put(spool)
+    monkeypatch.setattr(spool_module.os, "pwrite", real)
+    last = _put(spool)
+    assert [e.frame_id for e in spool] == [first.frame_id, last.frame_id]
+    assert [e.frame_id for e in FrameSpool(tmp_path, DEVICE)] == [first.frame_id, last.frame_id]
 
 
 def test_corruption_after_load_is_caught_at_read(tmp_path: Path) -> None:
@@ -137,7 +213,8 @@ def test_full_spool_drops_the_oldest_and_counts(tmp_path: Path, caplog) -> None:
     assert spool.dropped == 2
     for m in metas[:2]:
         assert f"{DEVICE}: frame {m.frame_id} dropped" in caplog.text
-    assert len(list(spool.entries_dir.iterdir())) == 3
+    assert sorted(m.frame_id for m, _ in read_entries(tmp_path)) == sorted(
+        m.frame_id for m in metas[2:])
 
 
 def test_byte_limit_drops_the_oldest(tmp_path: Path) -> None:

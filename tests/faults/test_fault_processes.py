@@ -31,7 +31,7 @@ from fault_harness import (
 from mqtt_subacks import SubackWatch
 
 from common.messages import FrameMetadata
-from edge.spool import CorruptEntryError, decode_entry, encode_entry
+from edge.spool import encode_entry, read_entries
 
 logger = logging.getLogger(__name__)
 
@@ -58,9 +58,12 @@ def _plant_half_written_entries(spool: Path, device_id: str) -> str:
                          captured_at=datetime(2020, 1, 1, tzinfo=timezone.utc), seq=seq,
                          width=768, height=576, sha256=hashlib.sha256(data).hexdigest())
     entry = encode_entry(meta, data)
-    entries = spool / "entries"
+    entries = spool / "entries"  # one file per frame, as earlier versions wrote
+    entries.mkdir(exist_ok=True)
     (entries / f"{seq:012d}_{frame_id}.frame").write_bytes(entry[: len(entry) // 2])
     (entries / f".{seq + 1:012d}_{frame_id[:-6]}{seq + 1:06d}.frame.tmp").write_bytes(entry[:300])
+    # and a segment whose only entry was cut off mid-write
+    (spool / "segments" / f"{seq + 2:012d}.seg").write_bytes(entry[: len(entry) // 3])
     return frame_id
 
 
@@ -68,11 +71,7 @@ def _read_spool(spool: Path, record: SampledRecord) -> int:
     """Add every valid entry left in the spool to ``record`` (a frame spooled just before the
     kill may have missed its log line); returns how many entries there were."""
     n = 0
-    for path in (spool / "entries").glob("*.frame"):
-        try:
-            meta, _ = decode_entry(path.read_bytes())
-        except (OSError, CorruptEntryError):
-            continue
+    for meta, _ in read_entries(spool):
         record.add(meta)
         n += 1
     return n
@@ -106,6 +105,7 @@ def test_edge_sigkill_mid_stream(pipeline: Pipeline,
     log = again.current_text()
     assert "corrupt spool entry" in log and planted in log
     assert "deleting half-written spool file" in log
+    assert "deleting half-written spool entry at the end of" in log
     assert any(planted in p.name for p in (spool / "quarantine").iterdir())
     assert planted not in pipeline.view.frame_keys()
     edge_captions = EdgeCaptions()
