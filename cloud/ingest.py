@@ -11,10 +11,10 @@ of ``io_threads`` threads validates each frame and puts it under
 frame never makes a second object nor replaces the bytes), several frames at once (issue 9: one
 S3 round trip at a time capped the ingest); THEN one thread, taking the frames in the order
 their PUBLISHes arrived, sends each MQTT PUBACK (in that order, MQTT 5.0, 4.6) and publishes a
-:class:`~common.messages.FrameAck` on ``{prefix}/{device_id}/acks`` at QoS 0 (a lost ack
-costs a resend, never a frame: the edge resends what is not acked, and a stored frame is acked
-again). The in-memory queue is bounded by the broker: it sends at most its in-flight limit of
-unacked QoS 1 messages (mosquitto ``max_inflight_messages``).
+:class:`~common.messages.FrameAck` on ``{prefix}/{device_id}/acks`` at QoS 1 (the worker's
+persistent session reads the acks too: it must not lose one while it restarts). The in-memory
+queue is bounded by the broker: it sends at most its in-flight limit of unacked QoS 1 messages
+(mosquitto ``max_inflight_messages``).
 
 While S3 is down a frame is retried with backoff, never acked and never dropped; the outage is
 logged once. A permanent S3 error (credentials, access, a missing bucket that
@@ -322,10 +322,7 @@ class IngestService(CloudService):
         ack = FrameAck(device_id=meta.device_id, frame_id=meta.frame_id, key=frame.key)
         if self._client is None:
             return
-        # QoS 0: an ack lost with a connection costs only a resend (the edge resends every frame
-        # not acked after a reconnect, and a stored frame is acked again); QoS 1 cost the edge a
-        # PUBACK per frame and the broker a stored message (issue 9).
-        info = self._client.publish(self.topics.acks(meta.device_id), ack.to_json(), qos=0)
+        info = self._client.publish(self.topics.acks(meta.device_id), ack.to_json(), qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
             logger.warning(
                 "ingest: ack of frame %s of device %s not queued (rc %s)",
