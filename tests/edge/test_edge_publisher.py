@@ -193,3 +193,21 @@ def test_the_captions_jsonl_is_bounded_by_rotation(tmp_path: Path) -> None:
     kept = old.read_text().splitlines() + path.read_text().splitlines()
     assert kept == lines[-len(kept):] and len(kept) >= 4  # whole lines, the newest, in order
     assert all(parse_caption_line(line)[0].frame_id.startswith("f") for line in kept)
+
+
+def test_notify_wakes_the_publisher_thread_only_when_nothing_else_will(
+        publisher: FramePublisher) -> None:
+    """Issue 9: a spooled frame wakes the publisher's network wait, unless a wake-up is already
+    pending or a PUBACK is on its way (it wakes the thread, which then publishes the frame)."""
+    wakeups: list[int] = []
+    publisher.client.wakeup = lambda: wakeups.append(1)  # type: ignore[method-assign]
+    publisher.notify()
+    publisher.notify()
+    assert len(wakeups) == 1  # the second finds one pending
+    publisher._wake_pending = False  # what the thread does after each network pass
+    publisher._mids[7] = "f1"  # a publish awaiting its PUBACK
+    publisher.notify()
+    assert len(wakeups) == 1
+    publisher._mids.clear()
+    publisher.notify()
+    assert len(wakeups) == 2
