@@ -18,7 +18,9 @@ item 10), with a hint where the cause is usually ours:
 Spec: MQTT Version 5.0, OASIS Standard (2019): user properties (3.3.2.3.7), shared
 subscriptions (4.8.2), session expiry (3.1.2.11.2).
 
-Handlers run on paho's network thread: they must return quickly. Long work (an S3 put, a model
+Handlers run on paho's network thread (``start()``), or on the caller's thread that runs
+:meth:`MqttClient.run_network` (``start(network_thread=False)``, the edge's publisher): they
+must return quickly. Long work (an S3 put, a model
 batch) goes to a queue and another thread, which acks later with :meth:`MqttClient.ack` when
 the client was made with ``manual_ack=True``.
 """
