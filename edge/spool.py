@@ -23,7 +23,8 @@ Each entry (a ``.frame`` file, or one record of a segment) is::
 Segments (issue 9): a frame costs one ``pwrite`` at the end of the current segment, and its
 ack one short line appended to the segment's ``.done`` file, instead of creating, renaming and
 deleting a file per frame (about 0.6 ms of CPU per frame on the 2-core bench machine). A
-segment takes at most :data:`SEGMENT_MAX_FRAMES` entries or :data:`SEGMENT_MAX_BYTES` bytes,
+segment takes at most :data:`SEGMENT_MAX_FRAMES` entries or :data:`SEGMENT_MAX_BYTES` bytes
+(a quarter of ``max_bytes`` if that is less, so a small spool stays near its bound on disk),
 then the next one starts; a segment none of whose entries is still spooled is deleted, so the
 disk holds the frames not yet acked plus the acked ones that share a segment with them. A
 spool written by an earlier framecap (``entries/``) is loaded and sent as before.
@@ -618,7 +619,8 @@ class FrameSpool:
         Under the lock. Raises OSError."""
         seg = self._current
         if seg is not None and seg.path in self._segments and (
-                seg.count < SEGMENT_MAX_FRAMES and seg.size + size <= SEGMENT_MAX_BYTES):
+                seg.count < SEGMENT_MAX_FRAMES
+                and seg.size + size <= min(SEGMENT_MAX_BYTES, self.max_bytes // 4)):
             return seg
         path = self.segments_dir / f"{seq:012d}.seg"
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
