@@ -40,7 +40,7 @@ from typing import Literal
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from common.config import MqttConfig
@@ -192,6 +192,54 @@ class _PahoClient(mqtt.Client):
         if not self.read_ahead or self._rbuf_sock is not self._sock:
             return 0
         return max(0, len(self._rbuf) - self._rpos)
+
+
+class UserProperties(Properties):
+    """The properties of a PUBLISH that carries only user properties (MQTT 5.0 spec, 3.3.2.3.7:
+    identifier 0x26, then a UTF-8 string pair), packed once, straight from the pairs.
+
+    paho's :class:`~paho.mqtt.properties.Properties` scans its table of 27 property names with
+    ``str.replace`` for every attribute set and every name packed: about 45 us for a frame's
+    8 pairs, paid on each frame the edge publishes. The bytes are the same (tested).
+
+    Args:
+        pairs: ``(name, value)`` strings, in order; the same name may repeat.
+
+    Raises:
+        ValueError: a name or value over 65,535 bytes in UTF-8 (a UTF-8 string's limit), or
+            holding U+0000, which a UTF-8 string must not (1.5.4, MQTT-1.5.4-2): a broker
+            closes the connection of a client that sends one (paho would send it).
+    """
+
+    UserProperty: list[tuple[str, str]]
+    _packed: bytes
+
+    def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:  # paho's __init__ is skipped
+        body = bytearray()
+        for name, value in pairs:
+            body += b"\x26"
+            for text in (name, value):
+                data = text.encode("utf-8")
+                if len(data) > 0xFFFF:
+                    raise ValueError(f"user property {name!r}: over 65535 bytes in UTF-8")
+                if b"\0" in data:
+                    raise ValueError(f"user property {name!r}: U+0000 is not allowed in MQTT")
+                body += len(data).to_bytes(2, "big") + data
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "UserProperty", list(pairs))
+        object.__setattr__(self, "_packed", bytes(VariableByteIntegers.encode(len(body)) + body))
+
+    def pack(self) -> bytes:
+        return self._packed
+
+    def isEmpty(self) -> bool:  # noqa: N802 - paho's name
+        return not self.UserProperty
+
+    def json(self) -> dict[str, object]:
+        return {"UserProperty": list(self.UserProperty)}
+
+    def __str__(self) -> str:
+        return f"[UserProperty : {self.UserProperty}]"
 
 
 class _PahoLogFilter(logging.Filter):
@@ -551,10 +599,7 @@ class MqttClient:
         A QoS>0 publish ends in exactly one of the ``on_published`` (accepted) or
         ``on_publish_refused`` (refused, not delivered) hooks, unless the session is lost.
         """
-        props = None
-        if user_properties:
-            props = Properties(PacketTypes.PUBLISH)
-            props.UserProperty = list(user_properties)
+        props = UserProperties(user_properties) if user_properties else None
         info = self._client.publish(topic, payload, qos=qos, retain=retain, properties=props)
         if qos > 0:
             with self._mids_lock:

@@ -293,3 +293,38 @@ def test_alert_message_round_trips_and_refuses_bad_fields() -> None:
                    {"rule": {"id": "r"}}, {"extra": 1}, {"schema_version": 2}):
         with pytest.raises(MessageError):
             AlertMessage.from_json(json.dumps({**data, **change}))
+
+
+_PAIR_TEXT = st.text(st.characters(blacklist_categories=("Cs",), blacklist_characters="\0"),
+                     max_size=40)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.tuples(_PAIR_TEXT, _PAIR_TEXT), max_size=12))
+def test_user_properties_pack_to_the_bytes_paho_packs(pairs: list[tuple[str, str]]) -> None:
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    from common.mqtt import UserProperties
+
+    ours = UserProperties(pairs)
+    theirs = Properties(PacketTypes.PUBLISH)
+    if pairs:
+        theirs.UserProperty = list(pairs)
+    assert ours.pack() == theirs.pack()
+    back = Properties(PacketTypes.PUBLISH)
+    back.unpack(ours.pack())
+    assert getattr(back, "UserProperty", []) == pairs
+    assert ours.isEmpty() == theirs.isEmpty()
+    if pairs:
+        assert str(ours) == str(theirs) and ours.json() == theirs.json()
+
+
+def test_user_properties_over_the_utf8_string_limit_are_refused() -> None:
+    from common.mqtt import UserProperties
+
+    with pytest.raises(ValueError, match="over 65535 bytes"):
+        UserProperties([("frame_id", "é" * 40000)])
+    with pytest.raises(ValueError, match="U\\+0000"):
+        UserProperties([("frame_id", "a\0b")])
+    assert len(UserProperties([("k", "v" * 65535)]).pack()) == 1 + 3 + 2 + 1 + 2 + 65535

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -73,6 +74,35 @@ def test_edge_daemon_imports_neither_torch_nor_boto3() -> None:
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          check=True, timeout=60)
     assert out.stdout.strip() == ""
+
+
+def _threads_after_edge_command(tmp_path: Path, env: dict[str, str]) -> tuple[int, str]:
+    """Run ``framecap edge --validate-config`` in a fresh interpreter (numpy and cv2 imported
+    by it), then count the process's OS threads: numpy's OpenBLAS pool is native threads."""
+    cfg = tmp_path / "edge.yaml"
+    cfg.write_text("device_id: cam-1\nsource: '0'\n")
+    code = (
+        "import os, sys\n"
+        "from common.cli import main\n"
+        f"assert main(['edge', '--config', {str(cfg)!r}, '--validate-config']) == 0\n"
+        "import numpy, cv2\n"
+        "print(len(os.listdir('/proc/self/task')), os.environ.get('OPENBLAS_NUM_THREADS'))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "OPENBLAS_NUM_THREADS"} | env
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True, timeout=60, env=env)
+    threads, value = out.stdout.split()[-2:]
+    return int(threads), value
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir() or (os.cpu_count() or 1) < 2,
+                    reason="counts threads in /proc on a machine of 2+ cores")
+def test_edge_command_starts_no_openblas_worker_threads(tmp_path: Path) -> None:
+    # without the setting numpy starts one OpenBLAS thread per extra core, spinning at import
+    assert _threads_after_edge_command(tmp_path, {}) == (1, "1")
+    # a user's own value wins
+    threads, value = _threads_after_edge_command(tmp_path, {"OPENBLAS_NUM_THREADS": "2"})
+    assert value == "2" and threads > 1
 
 
 def test_sigterm_stops_a_live_source_cleanly(tmp_path: Path) -> None:

@@ -67,7 +67,10 @@ def test_the_callers_thread_runs_the_loop_reads_ahead_wakes_up_and_reconnects(
     got: list[bytes] = []
     client.on_connected(lambda present: (connects.append(present),
                                          loop.threads.add(threading.current_thread().name)))
+    props: dict[bytes, list[tuple[str, str]]] = {}  # payload -> user properties received
     client.subscribe("own/#", lambda m: (got.append(bytes(m.payload)),
+                                         props.setdefault(bytes(m.payload), getattr(
+                                             m.properties, "UserProperty", [])),
                                          loop.threads.add(threading.current_thread().name)))
     loop.start()
     sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
@@ -95,9 +98,11 @@ def test_the_callers_thread_runs_the_loop_reads_ahead_wakes_up_and_reconnects(
         # a publish from the loop's own thread goes out at once; its PUBACK comes back
         accepted: list[int] = []
         client.on_published(accepted.append)
-        info = client.publish("own/self", b"me", qos=1)
+        pairs = [("frame_id", "cam-1-1"), ("seq", "1"), ("note", "é✓"), ("seq", "2")]
+        info = client.publish("own/self", b"me", qos=1, user_properties=pairs)
         client.wakeup()
         assert _wait(lambda: info.mid in accepted and b"me" in got, 5)
+        assert props[b"me"] == pairs  # user properties packed by UserProperties, in order
         # the broker dies and comes back: the loop reconnects (backoff 0.1..0.5 s) and the
         # connect hook runs again, with the subscription renewed
         edge_broker.kill()
