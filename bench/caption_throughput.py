@@ -14,6 +14,10 @@ n-gram ban):
   image, against ``beam_search`` at each of ``--decoder-batches`` images per batch, on one
   intra-op thread as the Captioner runs it.
 
+With int8 (unless ``--no-int8``) framecap also runs with its decoder quantized to int8
+(``--precision int8``) against the same float32 baselines: its captions are not identical (the
+bench counts how many are), its val BLEU-4 and CIDEr are in docs/performance.md.
+
 Prints one JSON line per measurement and a last line with the targets (>= 3x). It asserts
 nothing; ``make bench-caption`` runs it.
 
@@ -42,7 +46,7 @@ sys.path.insert(0, str(REPO))
 from cloud.captioning.beam_search import beam_search  # noqa: E402
 from cloud.captioning.checkpoint import build_models, read_checkpoint  # noqa: E402
 from cloud.captioning.images import load_image  # noqa: E402
-from cloud.captioning.inference import DEFAULT_MODEL_PATH, Captioner  # noqa: E402
+from cloud.captioning.inference import DEFAULT_MODEL_PATH, Captioner, quantize_decoder  # noqa: E402
 from cloud.captioning.models import DecoderWithAttention, Encoder  # noqa: E402
 from cloud.captioning.vocab import WordMap  # noqa: E402
 
@@ -151,8 +155,10 @@ def emit(record: dict[str, Any]) -> None:
 
 
 def bench_e2e(args: argparse.Namespace, files: list[Path], baseline: PerImageCaptioner,
-              captioner: Captioner) -> tuple[float, bool, list[str]]:
-    """Rounds of baseline (each thread setting) then framecap; returns the best ratio's figures."""
+              captioner: Captioner, int8: Captioner | None = None) -> tuple[float, bool, list[str], float | None]:
+    """Rounds of baseline (each thread setting) then framecap (then framecap with the int8
+    decoder); returns framecap's best ratio, whether its captions are the baseline's, its
+    captions, and the int8 ratio (None without it)."""
     rates: dict[str, list[float]] = {}
     captions: dict[str, list[str]] = {}
     for _ in range(args.rounds):
@@ -166,25 +172,36 @@ def bench_e2e(args: argparse.Namespace, files: list[Path], baseline: PerImageCap
                   "captions_per_s": round(len(files) / stats["wall_s"], 2), **stats})
         torch.set_num_threads(1)  # as Captioner(threads=...) sets it
 
-        def run_framecap() -> list[str]:
-            return [" ".join(captioner.word_map.decode(r.hypothesis.tokens)) if r.hypothesis else ""
-                    for r in captioner.caption_stream(files, load_image)]
+        runs = [(f"framecap, threads={args.threads}", captioner)]
+        if int8 is not None:
+            runs.append((f"framecap int8, threads={args.threads}", int8))
+        for name, model in runs:
+            def run_framecap(model: Captioner = model) -> list[str]:
+                return [" ".join(model.word_map.decode(r.hypothesis.tokens)) if r.hypothesis else ""
+                        for r in model.caption_stream(files, load_image)]
 
-        out, stats = timed(run_framecap)
-        name = f"framecap, threads={args.threads}"
-        captions[name] = out
-        rates.setdefault(name, []).append(len(files) / stats["wall_s"])
-        emit({"bench": "e2e", "run": name, "images": len(files),
-              "captions_per_s": round(len(files) / stats["wall_s"], 2), **stats})
+            out, stats = timed(run_framecap)
+            captions[name] = out
+            rates.setdefault(name, []).append(len(files) / stats["wall_s"])
+            emit({"bench": "e2e", "run": name, "images": len(files),
+                  "captions_per_s": round(len(files) / stats["wall_s"], 2), **stats})
     fast_name = f"framecap, threads={args.threads}"
-    best_base = max((n for n in rates if n != fast_name), key=lambda n: max(rates[n]))
+    int8_name = f"framecap int8, threads={args.threads}"
+    best_base = max((n for n in rates if n not in (fast_name, int8_name)), key=lambda n: max(rates[n]))
     ratio = max(rates[fast_name]) / max(rates[best_base])
-    identical = all(c == captions[fast_name] for c in captions.values())
+    identical = all(c == captions[fast_name] for n, c in captions.items() if n != int8_name)
     differing = sum(a != b for a, b in zip(captions[best_base], captions[fast_name], strict=True))
     emit({"bench": "e2e", "result": "ratio", "framecap_per_s": round(max(rates[fast_name]), 2),
           "baseline": best_base, "baseline_per_s": round(max(rates[best_base]), 2),
           "ratio": round(ratio, 2), "captions_identical": identical, "captions_differing": differing})
-    return ratio, identical, captions[fast_name]
+    int8_ratio = None
+    if int8 is not None:
+        int8_ratio = max(rates[int8_name]) / max(rates[best_base])
+        emit({"bench": "e2e", "result": "ratio, int8 decoder", "framecap_per_s": round(max(rates[int8_name]), 2),
+              "baseline": best_base, "baseline_per_s": round(max(rates[best_base]), 2),
+              "ratio": round(int8_ratio, 2), "captions_same_as_baseline": sum(
+                  a == b for a, b in zip(captions[best_base], captions[int8_name], strict=True))})
+    return ratio, identical, captions[fast_name], int8_ratio
 
 
 def bench_process(args: argparse.Namespace, files: list[Path], expected: list[str]) -> None:
@@ -203,7 +220,7 @@ def bench_process(args: argparse.Namespace, files: list[Path], expected: list[st
 
 
 def bench_decoder(args: argparse.Namespace, files: list[Path], baseline: PerImageCaptioner,
-                  captioner: Captioner) -> list[tuple[int, float, bool]]:
+                  captioner: Captioner) -> list[tuple[str, int, float, bool]]:
     """Beam search only: one image at a time against batches; features encoded once."""
     torch.set_num_threads(1)
     features = torch.cat([captioner.encode([load_image(p)]) for p in files])  # (n, grid, grid, encoder_dim)
@@ -219,22 +236,27 @@ def bench_decoder(args: argparse.Namespace, files: list[Path], baseline: PerImag
             base_rate, base_tokens, base_name = rate, tokens, f"one image at a time, {threads} thread(s)"
     torch.set_num_threads(1)
     results = []
-    for batch in args.decoder_batches:
-        def run(batch: int = batch) -> list[list[int]]:
-            out = []
-            for start in range(0, len(features), batch):
-                out += [h.tokens for h in beam_search(captioner.decoder, features[start:start + batch],
-                                                      captioner.word_map, args.beam_size,
-                                                      args.max_caption_length, captioner.length_penalty,
-                                                      no_repeat_ngram_size=captioner.no_repeat_ngram_size)]
-            return out
-        tokens, stats = timed(run)
-        rate = len(features) / stats["wall_s"]
-        identical = tokens[:count] == base_tokens
-        results.append((batch, rate / base_rate, identical))
-        emit({"bench": "decoder", "run": f"batched beam_search, batch {batch}, 1 thread", "images": len(features),
-              "images_per_s": round(rate, 2), "baseline": base_name, "ratio": round(rate / base_rate, 2),
-              "captions_identical": identical, **stats})
+    decoders = [("fp32", captioner.decoder)]
+    if args.int8:
+        decoders.append(("int8", quantize_decoder(captioner.decoder)))
+    for precision, decoder in decoders:
+        for batch in args.decoder_batches:
+            def run(batch: int = batch, decoder: torch.nn.Module = decoder) -> list[list[int]]:
+                out = []
+                for start in range(0, len(features), batch):
+                    out += [h.tokens for h in beam_search(decoder, features[start:start + batch],
+                                                          captioner.word_map, args.beam_size,
+                                                          args.max_caption_length, captioner.length_penalty,
+                                                          no_repeat_ngram_size=captioner.no_repeat_ngram_size)]
+                return out
+            tokens, stats = timed(run)
+            rate = len(features) / stats["wall_s"]
+            same = sum(a == b for a, b in zip(tokens[:count], base_tokens, strict=True))
+            results.append((precision, batch, rate / base_rate, same == count))
+            emit({"bench": "decoder", "run": f"batched beam_search, {precision}, batch {batch}, 1 thread",
+                  "images": len(features), "images_per_s": round(rate, 2), "baseline": base_name,
+                  "ratio": round(rate / base_rate, 2), "captions_identical": same == count,
+                  "captions_same_as_baseline": f"{same}/{count}", **stats})
     return results
 
 
@@ -250,7 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--baseline-threads", type=int, nargs="+", default=[1, 2],
                    help="torch intra-op threads of the per-image loop; the fastest is the baseline")
     p.add_argument("--rounds", type=int, default=1, help="alternate baseline and framecap this many times")
-    p.add_argument("--decoder-batches", type=int, nargs="+", default=[1, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--decoder-batches", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--no-int8", dest="int8", action="store_false",
+                   help="skip the runs with the decoder quantized to int8 (--precision int8)")
     p.add_argument("--decoder-baseline-count", type=int, default=64, help="images for the one-at-a-time decoder")
     p.add_argument("--skip-process", action="store_true", help="do not run the framecap caption process")
     p.add_argument("--skip-decoder", action="store_true", help="do not run the decoder-only comparison")
@@ -269,16 +293,29 @@ def main(argv: list[str] | None = None) -> int:
         [baseline.caption(f) for f in files[:2]]
     torch.set_num_threads(1)
     list(captioner.caption_stream(files[:8], load_image))
-    e2e_ratio, identical, captions = bench_e2e(args, files[:args.count], baseline, captioner)
+    int8 = None
+    if args.int8:
+        int8 = Captioner.load(args.model, device="cpu", beam_size=args.beam_size,
+                              max_caption_length=args.max_caption_length, threads=args.threads, precision="int8")
+        list(int8.caption_stream(files[:8], load_image))
+    e2e_ratio, identical, captions, int8_ratio = bench_e2e(args, files[:args.count], baseline, captioner, int8)
     if not args.skip_process:
         bench_process(args, files[:args.count], captions)
     targets: dict[str, Any] = {"bench": "targets", "e2e_ratio": round(e2e_ratio, 2),
                                "e2e_at_least_3x": e2e_ratio >= 3.0, "e2e_captions_identical": identical}
+    if int8_ratio is not None:
+        targets["e2e_int8_ratio"] = round(int8_ratio, 2)
     if not args.skip_decoder:
         decoder = bench_decoder(args, files[:max(args.decoder_batches)], baseline, captioner)
-        targets["decoder_ratios"] = {str(b): round(r, 2) for b, r, _ in decoder}
-        targets["decoder_at_least_3x_from_batch_8"] = all(r >= 3.0 for b, r, _ in decoder if b >= 8)
-        targets["decoder_captions_identical"] = all(same for _, _, same in decoder)
+        for precision in ("fp32", "int8"):
+            rows = [(b, r, same) for p, b, r, same in decoder if p == precision]
+            if not rows:
+                continue
+            targets[f"decoder_{precision}_ratios"] = {str(b): round(r, 2) for b, r, _ in rows}
+            targets[f"decoder_{precision}_at_least_3x_every_batch"] = all(r >= 3.0 for _, r, _ in rows)
+        targets["decoder_fp32_at_least_3x_from_batch_8"] = all(
+            r >= 3.0 for p, b, r, _ in decoder if p == "fp32" and b >= 8)
+        targets["decoder_fp32_captions_identical"] = all(same for p, _, _, same in decoder if p == "fp32")
     targets["load_avg_1m_after"] = round(os.getloadavg()[0], 2)
     emit(targets)
     return 0

@@ -1077,9 +1077,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--device", type=device_arg,
                         help="override device: auto (cuda when a GPU is visible), cpu, cuda or "
                              "cuda:N (default: auto)")
-    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16"],
-                        help="override precision, the model's autocast: auto (fp16 on CUDA, fp32 "
-                             "on a CPU), fp32, bf16 or fp16 (CUDA only) (default: auto)")
+    parser.add_argument("--precision", choices=["auto", "fp32", "bf16", "fp16", "int8"],
+                        help="override precision of the model: auto (fp16 on CUDA, fp32 on a "
+                             "CPU), fp32, bf16, fp16 (CUDA only) or int8 (CPU only: the decoder "
+                             "quantized) (default: auto)")
     parser.add_argument("--beam-size", type=int, metavar="N", help="override beam_size (default: 3)")
     parser.add_argument("--batch-size", type=int, metavar="N",
                         help="override batch_size, most frames per model batch (default: 8)")

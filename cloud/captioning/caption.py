@@ -35,11 +35,12 @@ if TYPE_CHECKING:  # torch, numpy and Pillow are imported when a command runs, s
 
 logger = logging.getLogger(__name__)
 
-# as cloud.captioning.train_utils.PRECISIONS (a test checks it), without importing torch for --help
-PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16")
-PRECISION_HELP = ("autocast precision of the encoder and decoder: auto (fp16 on CUDA, "
-                  "fp32 on a CPU), fp32, bf16 (also on a CPU) or fp16 (CUDA only) "
-                  "(default: %(default)s)")
+# as cloud.captioning.inference.INFERENCE_PRECISIONS (a test checks it), without importing torch
+# for --help
+PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
+PRECISION_HELP = ("precision of the encoder and decoder: auto (fp16 on CUDA, fp32 on a CPU), "
+                  "fp32, bf16 (also on a CPU), fp16 (CUDA only) or int8 (CPU only: the decoder "
+                  "quantized to int8, 2-5x faster beam search) (default: %(default)s)")
 
 
 def check_precision(precision: str, device: str) -> str | None:
