@@ -427,11 +427,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--load-seconds", type=float, default=30.0)
     p.add_argument("--count", type=int, default=96, help="frames of the saturated run")
     p.add_argument("--batch-size", type=int, default=WorkerConfig().batch_size)
+    p.add_argument("--precision", default=WorkerConfig().precision,
+                   choices=["auto", "fp32", "bf16", "int8"],
+                   help="the worker's precision (int8: its decoder quantized) (default: %(default)s)")
     args = p.parse_args(argv)
     with quiet_logs():
         emit({"mode": "machine", "cpus": os.cpu_count(), "loadavg": list(os.getloadavg()),
-              "threads": WorkerConfig().threads, "batch_size": args.batch_size})
-        captioner = load_captioner(WorkerConfig(device="cpu"))
+              "threads": WorkerConfig().threads, "batch_size": args.batch_size,
+              "precision": args.precision})
+        captioner = load_captioner(WorkerConfig(device="cpu", precision=args.precision))
         bgr = video_frames(args.video, max(args.count, 1))
         rgb = [cv2.cvtColor(f, cv2.COLOR_BGR2RGB) for f in bgr]
         jpegs = [cv2.imencode(".jpg", f, [cv2.IMWRITE_JPEG_QUALITY, 85])[1].tobytes() for f in bgr]

@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 PRECISION_CHOICES = ("auto", "fp32", "bf16", "fp16", "int8")
 PRECISION_HELP = ("precision of the encoder and decoder: auto (fp16 on CUDA, fp32 on a CPU), "
                   "fp32, bf16 (also on a CPU), fp16 (CUDA only) or int8 (CPU only: the decoder "
-                  "quantized to int8, 2-5x faster beam search) (default: %(default)s)")
+                  "quantized to int8, a 2-4x faster beam search) (default: %(default)s)")
 
 
 def check_precision(precision: str, device: str) -> str | None:
