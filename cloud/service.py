@@ -29,7 +29,6 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Literal, Protocol, TypeVar
 
-import paho.mqtt.client as mqtt
 import prometheus_client
 
 from common.config import MqttConfig, S3Config
@@ -93,10 +92,6 @@ class ShareGroupClient(MqttClient):
     def __init__(self, config: MqttConfig, client_id: str, *, manual_ack: bool = False) -> None:
         super().__init__(config.model_copy(update={"session_expiry_s": 0}), client_id,
                          manual_ack=manual_ack, clean_start=True)
-        self._unsub_lock = threading.Lock()  # never held while calling paho
-        self._unsubacks: dict[int, threading.Event] = {}
-        self._early_unsubacks: set[int] = set()  # UNSUBACKs that came before their mid was known
-        self._client.on_unsubscribe = self._on_unsubscribe
 
     def share(self, topic_filter: str, handler: MessageHandler, qos: int = 1) -> None:
         """Subscribe to ``topic_filter`` now and after every reconnect (what :meth:`subscribe`
@@ -107,28 +102,8 @@ class ShareGroupClient(MqttClient):
         """UNSUBSCRIBE ``topic_filter`` (not renewed on a reconnect) and wait at most
         ``timeout_s`` seconds for the broker's UNSUBACK. From then on the broker sends the
         group's messages to the other members; the messages it had already sent here can still
-        be acknowledged. Returns True if the UNSUBACK came."""
-        with self._lock:
-            self._subscriptions.pop(topic_filter, None)
-        rc, mid = self._client.unsubscribe(topic_filter)
-        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
-            return False
-        done = threading.Event()
-        with self._unsub_lock:
-            if mid in self._early_unsubacks:
-                self._early_unsubacks.discard(mid)
-                done.set()
-            else:
-                self._unsubacks[mid] = done
-        return done.wait(timeout_s)
-
-    def _on_unsubscribe(self, client: object, userdata: object, mid: int, *_: object) -> None:
-        with self._unsub_lock:
-            done = self._unsubacks.pop(mid, None)
-            if done is None:
-                self._early_unsubacks.add(mid)
-        if done is not None:
-            done.set()
+        be acknowledged. Returns True if the UNSUBACK came (see :meth:`MqttClient.unsubscribe`)."""
+        return self.unsubscribe(topic_filter, timeout_s)
 
 
 def retry_delays(first_s: float = 0.5, max_s: float = 10.0) -> Iterator[float]:

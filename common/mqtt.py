@@ -341,6 +341,8 @@ class MqttClient:
         self._early_refusals: dict[int, tuple[int, str]] = {}
         self._sub_filters: dict[int, str] = {}
         self._early_subacks: dict[int, list[ReasonCode]] = {}
+        self._unsubacks: dict[int, threading.Event] = {}  # mid -> set by its UNSUBACK
+        self._early_unsubacks: set[int] = set()  # UNSUBACKs that came before their mid was known
         self._refused_by_topic: dict[str, int] = {}
         self._refused_total = 0
         # Never held while calling into paho: paho calls on_publish holding its own
@@ -387,6 +389,7 @@ class MqttClient:
         client.on_message = self._on_message
         client.on_publish = self._on_publish
         client.on_subscribe = self._on_subscribe
+        client.on_unsubscribe = self._on_unsubscribe
         client.on_connect_fail = self._on_connect_fail
         client.on_socket_open = self._on_socket_open
         client.enable_logger(paho_logger)
@@ -571,6 +574,33 @@ class MqttClient:
             self._subscriptions[topic_filter] = (qos, handler)
         if self.is_connected:
             self._subscribe(topic_filter, qos)
+
+    def unsubscribe(self, topic_filter: str, timeout_s: float = 2.0) -> bool:
+        """UNSUBSCRIBE ``topic_filter`` (no longer renewed on a reconnect) and wait at most
+        ``timeout_s`` seconds for the broker's UNSUBACK; True if it came. False at once when
+        not connected (the subscription is forgotten all the same). Not from the network
+        loop's own thread (a hook, or ``run_network``'s caller): it would wait for itself."""
+        with self._lock:
+            self._subscriptions.pop(topic_filter, None)
+        rc, mid = self._client.unsubscribe(topic_filter)
+        if rc != mqtt.MQTT_ERR_SUCCESS or mid is None:
+            return False
+        done = threading.Event()
+        with self._mids_lock:
+            if mid in self._early_unsubacks:
+                self._early_unsubacks.discard(mid)
+                done.set()
+            else:
+                self._unsubacks[mid] = done
+        return done.wait(timeout_s)
+
+    def _on_unsubscribe(self, client: object, userdata: object, mid: int, *_: object) -> None:
+        with self._mids_lock:
+            done = self._unsubacks.pop(mid, None)
+            if done is None:
+                self._early_unsubacks.add(mid)
+        if done is not None:
+            done.set()
 
     def _subscribe(self, topic_filter: str, qos: int) -> None:
         """Send a SUBSCRIBE and remember its mid, so a refusal can name the filter."""

@@ -117,3 +117,44 @@ def test_the_callers_thread_runs_the_loop_reads_ahead_wakes_up_and_reconnects(
         loop.stop()
     assert not client.is_connected
     assert "error in" not in caplog.text  # no hook raised
+
+
+def test_unsubscribe_waits_for_the_unsuback_and_is_not_renewed(edge_broker: Broker) -> None:
+    """``MqttClient.unsubscribe`` (``ShareGroupClient.leave`` of the ingest and the worker): the
+    UNSUBACK comes back, no message on the filter arrives after it, and a reconnect does not
+    subscribe again."""
+    config = MqttConfig(port=edge_broker.port, reconnect_min_s=0.1, reconnect_max_s=0.5)
+    client = MqttClient(config, "unsub-test")
+    got: list[bytes] = []
+    connects: list[bool] = []
+    client.on_connected(connects.append)
+    client.subscribe("unsub/#", lambda m: got.append(bytes(m.payload)))
+    sender = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+    client.start()
+    try:
+        assert client.wait_connected(10)
+        sender.connect("127.0.0.1", edge_broker.port)
+        sender.loop_start()
+        assert _wait(lambda: (sender.publish("unsub/probe", b"before", qos=1), b"before" in got)[1], 10)
+        assert client.unsubscribe("unsub/#", timeout_s=5)  # the broker's UNSUBACK came
+        sender.publish("unsub/x", b"after", qos=1).wait_for_publish(5)
+        # a marker on another filter, subscribed after: once it arrives, "after" would have too
+        client.subscribe("marker/#", lambda m: got.append(bytes(m.payload)))
+        assert _wait(lambda: (sender.publish("marker/1", b"marker", qos=1), b"marker" in got)[1], 10)
+        assert b"after" not in got
+        # not renewed after a reconnect
+        edge_broker.kill()
+        assert _wait(lambda: not client.is_connected, 10)
+        edge_broker.start()
+        assert _wait(lambda: len(connects) == 2 and client.is_connected, 15), connects
+        sender.reconnect()
+        got.clear()
+        assert _wait(lambda: (sender.publish("marker/2", b"marker2", qos=1), b"marker2" in got)[1], 10)
+        sender.publish("unsub/y", b"after-reconnect", qos=1).wait_for_publish(5)
+        assert _wait(lambda: (sender.publish("marker/3", b"marker3", qos=1), b"marker3" in got)[1], 10)
+        assert b"after-reconnect" not in got
+        assert client.unsubscribe("unsub/never-subscribed", timeout_s=5)  # UNSUBACK 17 is an answer too
+    finally:
+        sender.loop_stop()
+        client.stop()
+    assert not client.unsubscribe("unsub/#", timeout_s=0.5)  # not connected: False at once
