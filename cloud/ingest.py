@@ -20,7 +20,10 @@ While S3 is down a frame is retried with backoff, never acked and never dropped;
 logged once. A permanent S3 error (credentials, access, a missing bucket that
 ``s3.create_bucket`` does not allow to create) stops the service with the cause (exit 1); the
 frame stays unacked. An invalid frame is logged with device, frame and reason, counted, acked (so the
-broker does not redeliver it forever) and skipped.
+broker does not redeliver it forever) and skipped; when it names its frame_id, the device is sent a
+:class:`~common.messages.FrameAck` with ``rejected`` (the reason), so that it drops the frame
+instead of resending it for ever (except for an unknown schema version: an upgraded ingest will
+take that frame).
 """
 
 from __future__ import annotations
@@ -52,6 +55,9 @@ from cloud.validation import InvalidFrame, ValidFrame, validate_frame
 from common.config import ConfigError, IngestConfig, load_config
 from common.messages import FrameAck
 from common.storage import ObjectNotFoundError, ObjectStore, StorageError
+
+# Refusals a device should not take as final: the frame may be taken later (a newer schema).
+RETRYABLE_REFUSALS = frozenset({"schema_version"})
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +96,8 @@ class IngestService(CloudService):
 
     Attributes:
         counters: (property) a snapshot: ``received``, ``stored``, ``duplicates``,
-            ``conflicts``, ``invalid``, ``invalid.{reason}``, ``s3_errors``, ``acks_published``.
+            ``conflicts``, ``invalid``, ``invalid.{reason}``, ``s3_errors``, ``acks_published``,
+            ``rejections_published``.
     """
 
     def __init__(
@@ -305,6 +312,27 @@ class IngestService(CloudService):
         metrics.INGEST_FRAMES.labels("invalid").inc()
         metrics.INGEST_INVALID.labels(bad.reason).inc()
         self._mqtt_ack(item)
+        self._publish_rejection(bad)
+
+    def _publish_rejection(self, bad: InvalidFrame) -> None:
+        """Tell the device that sent ``bad`` not to send it again (a :class:`FrameAck` with
+        ``rejected``), when the frame itself is at fault and names its frame_id: not for a
+        message without usable metadata (nothing to name) nor for an unknown schema version
+        (a newer device: an upgraded ingest will take the frame, so the device keeps it)."""
+        if (bad.reason in RETRYABLE_REFUSALS or bad.device_id is None or bad.frame_id is None
+                or self._client is None):
+            return
+        try:
+            ack = FrameAck(device_id=bad.device_id, frame_id=bad.frame_id,
+                           rejected=f"{bad.reason}: {bad.detail}"[:400])
+        except ValueError:  # pydantic: a frame_id or device_id that is not a valid id: nobody to tell
+            return
+        info = self._client.publish(self.topics.acks(ack.device_id), ack.to_json(), qos=1)
+        if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):
+            logger.warning("ingest: rejection of frame %s of device %s not queued (rc %s)",
+                           ack.frame_id, ack.device_id, info.rc)
+            return
+        self._count("rejections_published")
 
     def _mqtt_ack(self, item: _Inbound) -> None:
         if item.qos == 0 or self._client is None:

@@ -450,6 +450,9 @@ class CaptionWorker(CloudService):
         except MessageError as err:
             logger.warning("worker: ignoring a bad ack on %r: %s", message.topic[:200], err)
             return
+        if ack.key is None:  # the ingest refused the frame: nothing stored to caption
+            self._count("rejections_seen")
+            return
         self._count("notified")
         self.request(ack.key)
 

@@ -21,7 +21,7 @@ from collections.abc import Iterable, Mapping
 from datetime import datetime, timezone
 from typing import Annotated, Any, Final, Literal, TypeVar
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from common.topics import InvalidIdError, validate_id
 
@@ -215,11 +215,34 @@ class _JsonMessage(_Message):
 
 
 class FrameAck(_JsonMessage):
-    """Sent by the ingest to ``{prefix}/{device_id}/acks`` once a frame is stored in S3."""
+    """Sent by the ingest to ``{prefix}/{device_id}/acks`` once a frame is stored in S3
+    (``key``), or once it refused the frame for good (``rejected``): exactly one of the two.
 
-    device_id: DeviceId = Field(description="The device whose frame was stored.")
-    frame_id: FrameId = Field(description="The stored frame.")
-    key: str = Field(description="Its S3 object key, frames/...jpg.")
+    A rejection is sent only for a frame whose own bytes or metadata fail the ingest's checks
+    (a JPEG that does not decode, metadata that does not match it, a frame over the ingest's
+    size limits): sending it again cannot help, so the device drops it from its spool instead of
+    resending it for ever. A device from before rejections reads one as a malformed ack and
+    keeps resending (``extra="forbid"``), as it did.
+    """
+
+    device_id: DeviceId = Field(description="The device whose frame was stored or refused.")
+    frame_id: FrameId = Field(description="The stored or refused frame.")
+    key: str | None = Field(default=None, description="Its S3 object key, frames/...jpg; None if rejected.")
+    rejected: str | None = Field(
+        default=None, max_length=400,
+        description="Why the ingest refused the frame for good, 'reason: detail' (e.g. "
+        "'undecodable: OpenCV cannot decode the JPEG'); None if stored.")
+
+    def to_json(self) -> bytes:
+        """UTF-8 JSON without the field that is None: a stored frame's ack is byte for byte what
+        devices from before rejections read."""
+        return self.model_dump_json(exclude_none=True).encode()
+
+    @model_validator(mode="after")
+    def _stored_or_rejected(self) -> FrameAck:
+        if (self.key is None) == (self.rejected is None):
+            raise ValueError("an ack has either a key (stored) or rejected (refused), not both or neither")
+        return self
 
 
 class CaptionRecord(_JsonMessage):

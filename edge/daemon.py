@@ -68,8 +68,9 @@ def make_frame_id(captured_at: datetime, seq: int) -> str:
 class EdgeSummary:
     """What a run did; :meth:`to_json` is the one-line summary ``framecap edge`` prints.
 
-    ``frames_pending`` frames were left in the spool (not acked); ``drained`` is True when the
-    source ended and every frame was acked; ``publishes_refused`` counts frame publishes the
+    ``frames_pending`` frames were left in the spool (not acked); ``frames_rejected`` were
+    refused for good by the ingest (its reason logged) and dropped from the spool; ``drained``
+    is True when the source ended and every frame was acked or rejected; ``publishes_refused`` counts frame publishes the
     broker refused (MQTT v5 PUBACK failure, e.g. "not authorized": those frames stay in the
     spool and are retried); ``caption_latency_p50_ms``/``_p95_ms`` are the median and 95th
     percentile of capture -> caption back at the edge (``received_at - captured_at`` of the
@@ -85,6 +86,7 @@ class EdgeSummary:
     captions_received: int = 0
     elapsed_s: float = 0.0
     frames_pending: int = 0
+    frames_rejected: int = 0  # frames the ingest refused for good (bad JPEG, too large, ...)
     publishes_refused: int = 0  # publishes the broker refused (not delivered; frames kept)
     caption_latency_p50_ms: float | None = None  # capture -> caption at the edge, median
     caption_latency_p95_ms: float | None = None  # capture -> caption at the edge, 95th percentile
@@ -171,6 +173,7 @@ class EdgeDaemon:
             s.frames_pending = len(self._spool)
         if self._publisher is not None:
             s.frames_acked = self._publisher.stats.acked
+            s.frames_rejected = self._publisher.stats.rejected
             s.captions_received = self._publisher.stats.captions_received
             s.publishes_refused = self._publisher.stats.refused
             s.caption_latency_p50_ms, s.caption_latency_p95_ms = (

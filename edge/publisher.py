@@ -15,7 +15,8 @@ Delivery (at least once; the ingest's idempotent S3 key makes it exactly once in
 - each spooled frame is published at QoS 1 to ``{prefix}/{device_id}/frames``, the raw JPEG as
   payload and :meth:`FrameMetadata.to_user_properties` beside it (MQTT v5 user properties);
 - at most ``max_in_flight`` frames are published and not yet acked at any time, oldest first;
-- a frame leaves the spool only when a :class:`FrameAck` for it arrives on the acks topic;
+- a frame leaves the spool only when a :class:`FrameAck` for it arrives on the acks topic
+  (stored, or ``rejected``: refused for good by the ingest, logged as a WARNING and counted);
 - frames not acked are resent after every reconnect (the broker may have lost what it had
   PUBACKed, e.g. killed with SIGKILL) and ``resend_after_s`` after their last send; frames
   found in the spool at start (a restart) are sent first;
@@ -90,6 +91,7 @@ class PublisherStats:
     published: int = 0  # frames published for the first time by this process
     resent: int = 0  # further publishes of frames not yet acked
     acked: int = 0  # frames acked by the ingest and removed from the spool
+    rejected: int = 0  # frames the ingest refused for good (bad JPEG, ...), removed from the spool
     acks_unknown: int = 0  # acks for frames not in the spool (duplicates, dropped frames)
     acks_malformed: int = 0  # ack payloads that did not decode, or were for another device
     captions_received: int = 0
@@ -487,6 +489,15 @@ class FramePublisher:
             self.stats.acks_malformed += 1
             logger.warning("%s: frame %s: ack for another device %r ignored",
                            self.device_id, ack.frame_id, ack.device_id)
+            return
+        if ack.rejected is not None:
+            self._forget(ack.frame_id)
+            if self.spool.remove(ack.frame_id):
+                self.stats.rejected += 1
+                logger.warning("%s: frame %s rejected by the ingest (%s): removed from the spool, "
+                               "not sent again", self.device_id, ack.frame_id, ack.rejected)
+            else:
+                self.stats.acks_unknown += 1
             return
         self._acked_in_order(ack.frame_id)
         self._forget(ack.frame_id)

@@ -258,3 +258,35 @@ def test_demo_serve_keeps_the_web_pages_up_until_interrupted(shared_dir, tmp_pat
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_frames_the_ingest_refuses_are_rejected_and_leave_the_edge_spool(
+    stack_ns, shared_dir, tmp_path, caplog  # type: ignore[no-untyped-def]
+) -> None:
+    """A refusal for the frame's own sake (here: larger than the ingest takes) is final: the
+    ingest tells the device, which logs why and drops the frame instead of resending it for
+    ever, and the run drains."""
+    import logging
+
+    caplog.set_level(logging.WARNING, logger="edge.publisher")
+    device_id = stack_ns.device("reject")
+    service = IngestService(
+        IngestConfig(mqtt=stack_ns.mqtt_config("ingest"), s3=stack_ns.s3_config(role="ingest"),
+                     max_payload_bytes=1024),  # every frame of vtest is larger
+        client_id=stack_ns.client_id("ingest"),
+    )
+    service.start()
+    try:
+        assert service.wait_connected(10)
+        summary = EdgeDaemon(edge_config(stack_ns, device_id, shared_dir / "videos" / "vtest.avi",
+                                         tmp_path / "spool", max_frames=3, drain_timeout_s=60),
+                             print_captions=False).run()
+    finally:
+        service.stop()
+    assert summary.drained and summary.frames_pending == 0
+    assert summary.frames_rejected == 3 and summary.frames_acked == 0
+    assert stored_frames(stack_ns, device_id) == {}
+    assert service.counters.get("invalid.too_large", 0) >= 3
+    assert service.counters.get("rejections_published", 0) >= 3
+    lines = [r.getMessage() for r in caplog.records if "rejected by the ingest" in r.getMessage()]
+    assert len(lines) == 3 and all("(too_large: " in line and device_id in line for line in lines)

@@ -328,3 +328,20 @@ def test_user_properties_over_the_utf8_string_limit_are_refused() -> None:
     with pytest.raises(ValueError, match="U\\+0000"):
         UserProperties([("frame_id", "a\0b")])
     assert len(UserProperties([("k", "v" * 65535)]).pack()) == 1 + 3 + 2 + 1 + 2 + 65535
+
+
+def test_frame_ack_is_stored_or_rejected_and_a_stored_ack_reads_as_before() -> None:
+    from common.messages import FrameAck
+
+    stored = FrameAck(device_id="cam1", frame_id="f1", key="frames/cam1/2026/01/31/f1.jpg")
+    # byte for byte the ack of the versions before rejections (extra="forbid" there)
+    assert json.loads(stored.to_json()) == {"schema_version": 1, "device_id": "cam1", "frame_id": "f1",
+                                            "key": "frames/cam1/2026/01/31/f1.jpg"}
+    rejected = FrameAck(device_id="cam1", frame_id="f1", rejected="undecodable: no image")
+    assert json.loads(rejected.to_json()) == {"schema_version": 1, "device_id": "cam1", "frame_id": "f1",
+                                              "rejected": "undecodable: no image"}
+    assert FrameAck.from_json(rejected.to_json()) == rejected
+    for bad in ({}, {"key": "k", "rejected": "r"}):
+        body = {"schema_version": 1, "device_id": "cam1", "frame_id": "f1", **bad}
+        with pytest.raises(MessageError, match="either a key"):
+            FrameAck.from_json(json.dumps(body))

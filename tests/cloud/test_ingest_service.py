@@ -65,6 +65,28 @@ def test_invalid_frame_is_counted_acked_and_not_stored() -> None:
     assert list(store.objects) == [KEY]
 
 
+def test_a_frame_refused_for_its_own_bytes_is_rejected_to_its_device() -> None:
+    """The device is told (FrameAck with ``rejected``), so it drops the frame instead of
+    resending it for ever; not for a message without metadata (no frame to name) nor for an
+    unknown schema version (an upgraded ingest will take it)."""
+    service, store, client = make_service()
+    payload = jpeg_bytes()
+    corrupt = payload[:-200] + b"\x00" * 200  # its sha256 no longer matches
+    service.handle(inbound(corrupt, metadata_for(payload).to_user_properties(), mid=5))
+    service.handle(inbound(b"\x00garbage", [], mid=6))
+    newer = [(k, "9" if k == "fc-schema" else v) for k, v in metadata_for(payload).to_user_properties()]
+    service.handle(inbound(payload, newer, mid=7))
+    assert service.counters["invalid"] == 3 and not store.objects
+    assert client.acks() == [("ack", 5, 1), ("ack", 6, 1), ("ack", 7, 1)]  # PUBACKs: no redelivery
+    published = client.published("/acks")
+    assert [topic for _, topic, *_ in published] == ["framecap/cam1/acks"]
+    ack = FrameAck.from_json(published[0][2])
+    assert (ack.device_id, ack.frame_id, ack.key) == ("cam1", "f000001", None)
+    assert ack.rejected is not None and ack.rejected.startswith("sha256_mismatch: ")
+    assert service.counters["rejections_published"] == 1
+    assert "acks_published" not in service.counters
+
+
 def test_s3_outage_is_retried_and_nothing_is_acked_before_the_put() -> None:
     service, store, client = make_service()
     store.fail_next = 2

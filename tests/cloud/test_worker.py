@@ -334,6 +334,11 @@ def test_a_frame_ack_queues_its_key_and_garbage_is_ignored() -> None:
     worker._on_ack(_Message(ack.to_json()))  # twice: queued once
     assert worker.backlog == 1 and worker.counters["notified"] == 2
     assert worker._queue.get_nowait() == FRAME
+    # a rejection (the ingest refused the frame): nothing stored, nothing to caption
+    worker._on_ack(_Message(FrameAck(device_id="cam1", frame_id="f000002",
+                                     rejected="undecodable: OpenCV cannot decode the JPEG").to_json()))
+    assert worker.backlog == 1 and worker._queue.empty() and worker.counters["rejections_seen"] == 1
+    assert worker.counters["notified"] == 2
 
 
 def test_a_caption_publish_the_broker_refuses_keeps_its_outbox_marker(
