@@ -34,7 +34,8 @@ import queue
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -58,6 +59,37 @@ from common.storage import ObjectNotFoundError, ObjectStore, StorageError
 
 # Refusals a device should not take as final: the frame may be taken later (a newer schema).
 RETRYABLE_REFUSALS = frozenset({"schema_version"})
+REJECTIONS_PER_S = 10.0  # rejections published per device and second, sustained
+REJECTIONS_BURST = 50  # ... and at once
+REJECTION_DEVICES = 10_000  # devices whose budget is remembered (the least recent forgotten)
+
+
+class RejectionBudget:
+    """A token bucket per device for the rejections the ingest publishes: a device (or an
+    account allowed to publish under many device ids) that floods invalid frames gets at most
+    ``burst`` rejections at once and ``per_s`` a second after that, so the ingest's publishes,
+    the broker's fan-out and the worker's reads do not grow with the flood. A frame whose
+    rejection is held back is resent by its device later and rejected then. Remembers at most
+    ``devices`` devices (the least recently refused is forgotten: its bucket starts full again).
+    Thread-safe."""
+
+    def __init__(self, per_s: float = REJECTIONS_PER_S, burst: int = REJECTIONS_BURST,
+                 devices: int = REJECTION_DEVICES, clock: Callable[[], float] = time.monotonic) -> None:
+        self.per_s, self.burst, self.devices, self._clock = per_s, burst, devices, clock
+        self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()  # tokens, when
+        self._lock = threading.Lock()
+
+    def take(self, device_id: str) -> bool:
+        """Spend one rejection of ``device_id``'s budget; False if none is left."""
+        now = self._clock()
+        with self._lock:
+            tokens, then = self._buckets.pop(device_id, (float(self.burst), now))
+            tokens = min(float(self.burst), tokens + (now - then) * self.per_s)
+            allowed = tokens >= 1.0
+            self._buckets[device_id] = (tokens - 1.0 if allowed else tokens, now)
+            while len(self._buckets) > self.devices:
+                self._buckets.popitem(last=False)
+            return allowed
 
 logger = logging.getLogger(__name__)
 
@@ -97,7 +129,7 @@ class IngestService(CloudService):
     Attributes:
         counters: (property) a snapshot: ``received``, ``stored``, ``duplicates``,
             ``conflicts``, ``invalid``, ``invalid.{reason}``, ``s3_errors``, ``acks_published``,
-            ``rejections_published``.
+            ``rejections_published``, ``rejections_suppressed``.
     """
 
     def __init__(
@@ -131,6 +163,7 @@ class IngestService(CloudService):
         self._in_order: queue.Queue[tuple[_Inbound, Future[_Outcome]] | None] = queue.Queue()
         self._generation = 0
         self._busy = 0  # frames received and not yet handled (queued or in hand)
+        self._rejections = RejectionBudget()  # per device: a flood of bad frames is not echoed
 
     # -- lifecycle -----------------------------------------------------------------------
     def start(self) -> None:
@@ -326,6 +359,10 @@ class IngestService(CloudService):
             ack = FrameAck(device_id=bad.device_id, frame_id=bad.frame_id,
                            rejected=f"{bad.reason}: {bad.detail}"[:400])
         except ValueError:  # pydantic: a frame_id or device_id that is not a valid id: nobody to tell
+            return
+        if not self._rejections.take(ack.device_id):
+            # over the device's budget: it resends the frame later and is told then
+            self._count("rejections_suppressed")
             return
         info = self._client.publish(self.topics.acks(ack.device_id), ack.to_json(), qos=1)
         if info.rc not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN):

@@ -87,6 +87,35 @@ def test_a_frame_refused_for_its_own_bytes_is_rejected_to_its_device() -> None:
     assert "acks_published" not in service.counters
 
 
+def test_rejections_are_budgeted_per_device() -> None:
+    from cloud.ingest import RejectionBudget
+
+    now = [0.0]
+    budget = RejectionBudget(per_s=2.0, burst=5, devices=2, clock=lambda: now[0])
+    assert [budget.take("cam1") for _ in range(7)] == [True] * 5 + [False] * 2  # a burst of 5
+    assert budget.take("cam2")  # another device has its own budget
+    now[0] += 1.0  # 2 a second come back
+    assert [budget.take("cam1") for _ in range(3)] == [True, True, False]
+    budget.take("cam3")  # a third device: the least recently refused (cam2) is forgotten
+    now[0] += 100.0
+    assert [budget.take("cam1") for _ in range(6)] == [True] * 5 + [False]  # never over the burst
+
+
+def test_a_flood_of_bad_frames_draws_a_bounded_number_of_rejections() -> None:
+    service, store, client = make_service()
+    payload = jpeg_bytes()
+    corrupt = payload[:-200] + b"\x00" * 200
+    for mid in range(1, 81):  # 80 corrupt frames at once, each its own frame_id
+        meta = metadata_for(payload).model_copy(update={"frame_id": f"f{mid:06d}"})
+        service.handle(inbound(corrupt, meta.to_user_properties(), mid=mid))
+    assert service.counters["invalid"] == 80 and len(client.acks()) == 80  # all PUBACKed
+    from cloud.ingest import REJECTIONS_BURST
+
+    assert len(client.published("/acks")) == service.counters["rejections_published"]
+    assert REJECTIONS_BURST <= service.counters["rejections_published"] < 80
+    assert service.counters["rejections_suppressed"] == 80 - service.counters["rejections_published"]
+
+
 def test_s3_outage_is_retried_and_nothing_is_acked_before_the_put() -> None:
     service, store, client = make_service()
     store.fail_next = 2
