@@ -356,8 +356,8 @@ class IngestService(CloudService):
                 or self._client is None):
             return
         try:
-            ack = FrameAck(device_id=bad.device_id, frame_id=bad.frame_id,
-                           rejected=f"{bad.reason}: {bad.detail}"[:400])
+            reason = "".join(c if c.isprintable() else "?" for c in f"{bad.reason}: {bad.detail}")
+            ack = FrameAck(device_id=bad.device_id, frame_id=bad.frame_id, rejected=reason[:400])
         except ValueError:  # pydantic: a frame_id or device_id that is not a valid id: nobody to tell
             return
         if not self._rejections.take(ack.device_id):

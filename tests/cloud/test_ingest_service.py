@@ -194,3 +194,13 @@ def test_frames_are_stored_in_parallel_and_pubacked_in_arrival_order() -> None:
             thread.join(5)
         service._pool.shutdown()
     assert service.counters["stored"] == 2 and service._busy == 0
+
+
+def test_a_rejection_reason_carries_no_control_characters() -> None:
+    """The device logs the reason: a newline from a frame's own metadata must not forge a line."""
+    from cloud.validation import InvalidFrame
+
+    service, _, client = make_service()
+    service._publish_rejection(InvalidFrame("bad_metadata", "seq: 'x\nINFO forged'\x00", "cam1", "f1"))
+    ack = FrameAck.from_json(client.published("/acks")[0][2])
+    assert ack.rejected == "bad_metadata: seq: 'x?INFO forged'?"
